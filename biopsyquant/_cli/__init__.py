@@ -1,0 +1,1 @@
+"""Sub-commands of the ``biopsyquant`` CLI (one module each)."""

@@ -1,0 +1,95 @@
+"""Agreement metrics against ground truth: point matching and instance-mask matching."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from scipy.spatial import cKDTree
+
+__all__ = ["MatchResult", "match_points", "match_labels"]
+
+
+@dataclass(frozen=True)
+class MatchResult:
+    """Counts of a one-to-one matching between detections and truth."""
+
+    tp: int
+    fp: int
+    fn: int
+
+    @property
+    def precision(self) -> float:
+        return self.tp / (self.tp + self.fp) if self.tp + self.fp else float("nan")
+
+    @property
+    def recall(self) -> float:
+        return self.tp / (self.tp + self.fn) if self.tp + self.fn else float("nan")
+
+    @property
+    def f1(self) -> float:
+        d = 2 * self.tp + self.fp + self.fn
+        return 2 * self.tp / d if d else float("nan")
+
+
+def match_points(pred: np.ndarray, truth: np.ndarray, radius: float) -> MatchResult:
+    """One-to-one (Hungarian) matching of points within ``radius`` (same units as the points).
+
+    Parameters
+    ----------
+    pred, truth : ndarray, shape (N, 2) and (M, 2)
+        Point coordinates (e.g. x, y in pixels or µm).
+    radius : float
+        Largest distance at which two points may match.
+    """
+    pred = np.asarray(pred, float).reshape(-1, 2)
+    truth = np.asarray(truth, float).reshape(-1, 2)
+    if len(pred) == 0 or len(truth) == 0:
+        return MatchResult(0, len(pred), len(truth))
+    tree = cKDTree(truth)
+    pairs = tree.query_ball_point(pred, r=radius)
+    rows, cols, costs = [], [], []
+    for i, js in enumerate(pairs):
+        for j in js:
+            rows.append(i)
+            cols.append(j)
+            costs.append(np.hypot(*(pred[i] - truth[j])))
+    if not rows:
+        return MatchResult(0, len(pred), len(truth))
+    # Hungarian on the connected sub-problem; unmatched pairs cost more than any match.
+    ui, ri = np.unique(rows, return_inverse=True)
+    uj, rj = np.unique(cols, return_inverse=True)
+    big = radius * 10 + 1
+    cost = np.full((len(ui), len(uj)), big)
+    cost[ri, rj] = costs
+    r, c = linear_sum_assignment(cost)
+    tp = int(np.sum(cost[r, c] <= radius))
+    return MatchResult(tp, len(pred) - tp, len(truth) - tp)
+
+
+def match_labels(pred: np.ndarray, truth: np.ndarray, iou: float = 0.5) -> MatchResult:
+    """Match instance label images by intersection-over-union ≥ ``iou`` (0 = background)."""
+    pred = np.asarray(pred)
+    truth = np.asarray(truth)
+    if pred.shape != truth.shape:
+        raise ValueError(f"label images differ in shape: {pred.shape} vs {truth.shape}")
+    p = pred.ravel().astype(np.int64)
+    t = truth.ravel().astype(np.int64)
+    pu, p_inv = np.unique(p, return_inverse=True)
+    tu, t_inv = np.unique(t, return_inverse=True)
+    inter = np.zeros((len(pu), len(tu)), np.int64)
+    np.add.at(inter, (p_inv, t_inv), 1)
+    parea = inter.sum(1)
+    tarea = inter.sum(0)
+    pi = np.flatnonzero(pu != 0)
+    ti = np.flatnonzero(tu != 0)
+    if len(pi) == 0 or len(ti) == 0:
+        return MatchResult(0, len(pi), len(ti))
+    it = inter[np.ix_(pi, ti)].astype(float)
+    union = parea[pi][:, None] + tarea[ti][None, :] - it
+    ious = np.where(union > 0, it / union, 0.0)
+    # IoU > 0.5 matches are unique; for lower thresholds use the assignment.
+    r, c = linear_sum_assignment(-ious)
+    tp = int(np.sum(ious[r, c] >= iou))
+    return MatchResult(tp, len(pi) - tp, len(ti) - tp)
