@@ -1,0 +1,201 @@
+"""Compiled (numba) pixel kernels for colour deconvolution.
+
+Private module: the public entry points are :func:`biopsyquant.stains.deconvolve`,
+:func:`~biopsyquant.stains.stain_od`, :func:`~biopsyquant.stains.dab_threshold_counts` and
+:func:`~biopsyquant.stains.dab_classes`, which validate their inputs and build the lookup tables.
+
+Every kernel works on a uint8 RGB image with *premultiplied lookup tables*: for stain ``s`` the
+concentration of a pixel ``(R, G, B)`` is ``lut[0, R, s] + lut[1, G, s] + lut[2, B, s]`` where
+``lut[c, v, s] = OD_c(v) * inverse[c, s]`` (float32) — three table look-ups and two additions per
+stain and pixel, no logarithm and no float image in between.
+
+Each kernel exists twice: a ``*_par`` version that spreads rows over numba's threads and a
+``*_ser`` version for small images and for calls made while another thread is already inside a
+parallel kernel (see :func:`run`).  They are separate Python functions (not one function jitted
+twice) so that numba's on-disk cache (``cache=True``) keeps them apart.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from numba import njit, prange
+
+__all__ = [
+    "deconvolve_into",
+    "stain_into",
+    "threshold_counts",
+    "threshold_classes",
+]
+
+#: Images smaller than this (pixels) run on one thread: thread start-up costs more than it saves.
+PARALLEL_MIN_PIXELS = 65_536
+
+_PARALLEL_LOCK = threading.Lock()
+
+_JIT = {"fastmath": False, "cache": True, "nogil": True}
+
+
+# --------------------------------------------------------------------------------------------
+# row functions (inlined into the drivers below)
+# --------------------------------------------------------------------------------------------
+@njit(**_JIT)
+def _deconvolve_row(rgb, lut, out, i):
+    for j in range(rgb.shape[1]):
+        r = rgb[i, j, 0]
+        g = rgb[i, j, 1]
+        b = rgb[i, j, 2]
+        for s in range(3):
+            out[i, j, s] = lut[0, r, s] + lut[1, g, s] + lut[2, b, s]
+
+
+@njit(**_JIT)
+def _stain_row(rgb, lut1, out, i):
+    for j in range(rgb.shape[1]):
+        out[i, j] = lut1[0, rgb[i, j, 0]] + lut1[1, rgb[i, j, 1]] + lut1[2, rgb[i, j, 2]]
+
+
+@njit(**_JIT)
+def _counts_row(rgb, lut1, thresholds, mask, use_mask, counts, sums, i):
+    nt = thresholds.shape[0]
+    for j in range(rgb.shape[1]):
+        if use_mask and not mask[i, j]:
+            continue
+        v = lut1[0, rgb[i, j, 0]] + lut1[1, rgb[i, j, 1]] + lut1[2, rgb[i, j, 2]]
+        c = 0
+        for k in range(nt):
+            if v >= thresholds[k]:
+                c += 1
+        counts[i, c] += 1
+        sums[i, c] += v
+
+
+@njit(**_JIT)
+def _classes_row(rgb, lut1, thresholds, mask, use_mask, outside, out, i):
+    nt = thresholds.shape[0]
+    for j in range(rgb.shape[1]):
+        if use_mask and not mask[i, j]:
+            out[i, j] = outside
+            continue
+        v = lut1[0, rgb[i, j, 0]] + lut1[1, rgb[i, j, 1]] + lut1[2, rgb[i, j, 2]]
+        c = 0
+        for k in range(nt):
+            if v >= thresholds[k]:
+                c += 1
+        out[i, j] = c
+
+
+# --------------------------------------------------------------------------------------------
+# drivers: parallel over rows / serial
+# --------------------------------------------------------------------------------------------
+@njit(parallel=True, **_JIT)
+def _deconvolve_par(rgb, lut, out):
+    for i in prange(rgb.shape[0]):
+        _deconvolve_row(rgb, lut, out, i)
+
+
+@njit(**_JIT)
+def _deconvolve_ser(rgb, lut, out):
+    for i in range(rgb.shape[0]):
+        _deconvolve_row(rgb, lut, out, i)
+
+
+@njit(parallel=True, **_JIT)
+def _stain_par(rgb, lut1, out):
+    for i in prange(rgb.shape[0]):
+        _stain_row(rgb, lut1, out, i)
+
+
+@njit(**_JIT)
+def _stain_ser(rgb, lut1, out):
+    for i in range(rgb.shape[0]):
+        _stain_row(rgb, lut1, out, i)
+
+
+@njit(parallel=True, **_JIT)
+def _counts_par(rgb, lut1, thresholds, mask, use_mask, counts, sums):
+    for i in prange(rgb.shape[0]):
+        _counts_row(rgb, lut1, thresholds, mask, use_mask, counts, sums, i)
+
+
+@njit(**_JIT)
+def _counts_ser(rgb, lut1, thresholds, mask, use_mask, counts, sums):
+    for i in range(rgb.shape[0]):
+        _counts_row(rgb, lut1, thresholds, mask, use_mask, counts, sums, i)
+
+
+@njit(parallel=True, **_JIT)
+def _classes_par(rgb, lut1, thresholds, mask, use_mask, outside, out):
+    for i in prange(rgb.shape[0]):
+        _classes_row(rgb, lut1, thresholds, mask, use_mask, outside, out, i)
+
+
+@njit(**_JIT)
+def _classes_ser(rgb, lut1, thresholds, mask, use_mask, outside, out):
+    for i in range(rgb.shape[0]):
+        _classes_row(rgb, lut1, thresholds, mask, use_mask, outside, out, i)
+
+
+def run(par, ser, n_pixels: int, *args, parallel: bool | None = None) -> None:
+    """Call the parallel kernel ``par`` or the serial kernel ``ser`` with ``args``.
+
+    The parallel kernel is used for images of at least :data:`PARALLEL_MIN_PIXELS` pixels when
+    no other Python thread is inside a parallel kernel at the moment; otherwise the serial one
+    runs.  This keeps concurrent callers (thread pools, dask threaded workers) from launching
+    nested or concurrent parallel regions — which oversubscribe the cores with OpenMP and abort
+    the process with numba's ``workqueue`` threading layer — while a single caller still uses
+    every core.  ``parallel=True``/``False`` forces the choice (``True`` still waits for the
+    lock rather than running two parallel kernels at once).
+    """
+    if parallel is False or (parallel is None and n_pixels < PARALLEL_MIN_PIXELS):
+        ser(*args)
+        return
+    if _PARALLEL_LOCK.acquire(blocking=parallel is True):
+        try:
+            par(*args)
+        finally:
+            _PARALLEL_LOCK.release()
+    else:
+        ser(*args)
+
+
+# --------------------------------------------------------------------------------------------
+# thin typed wrappers used by stains.py (inputs already validated there)
+# --------------------------------------------------------------------------------------------
+_NO_MASK = np.ones((1, 1), dtype=np.bool_)
+
+
+def deconvolve_into(rgb: np.ndarray, lut: np.ndarray, out: np.ndarray, *, parallel=None) -> None:
+    """``out[..., s] = sum_c lut[c, rgb[..., c], s]``; lut float32 (3, 256, 3), out float32 (H, W, 3)."""
+    run(_deconvolve_par, _deconvolve_ser, rgb.shape[0] * rgb.shape[1], rgb, lut, out,
+        parallel=parallel)
+
+
+def stain_into(rgb: np.ndarray, lut1: np.ndarray, out: np.ndarray, *, parallel=None) -> None:
+    """``out = sum_c lut1[c, rgb[..., c]]``; lut1 float32 (3, 256), out float32 (H, W)."""
+    run(_stain_par, _stain_ser, rgb.shape[0] * rgb.shape[1], rgb, lut1, out, parallel=parallel)
+
+
+def threshold_counts(rgb: np.ndarray, lut1: np.ndarray, thresholds: np.ndarray,
+                     mask: np.ndarray | None, *, parallel=None) -> tuple[np.ndarray, np.ndarray]:
+    """Class counts (int64, k+1) and OD sums per class (float64, k+1) for k thresholds."""
+    h = rgb.shape[0]
+    nc = thresholds.shape[0] + 1
+    counts = np.zeros((h, nc), np.int64)
+    sums = np.zeros((h, nc), np.float64)
+    use_mask = mask is not None
+    m = mask if use_mask else _NO_MASK
+    run(_counts_par, _counts_ser, h * rgb.shape[1], rgb, lut1, thresholds, m, use_mask,
+        counts, sums, parallel=parallel)
+    return counts.sum(axis=0), sums.sum(axis=0)
+
+
+def threshold_classes(rgb: np.ndarray, lut1: np.ndarray, thresholds: np.ndarray,
+                      mask: np.ndarray | None, outside: int, out: np.ndarray, *,
+                      parallel=None) -> None:
+    """uint8 class image: number of thresholds ``<=`` the stain OD; ``outside`` where mask False."""
+    use_mask = mask is not None
+    m = mask if use_mask else _NO_MASK
+    run(_classes_par, _classes_ser, rgb.shape[0] * rgb.shape[1], rgb, lut1, thresholds, m,
+        use_mask, np.uint8(outside), out, parallel=parallel)
