@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"biopsyquant {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, mod in SUBCOMMANDS.items():
+    for mod in SUBCOMMANDS.values():
         try:
             module = importlib.import_module(f"biopsyquant._cli.{mod}")
         except ModuleNotFoundError as exc:

@@ -270,6 +270,9 @@ class Settings:
 
         d = self.to_dict()
         d.pop("marker")
+        # TOML has no null: a None value is the dataclass default, so leaving it out round-trips
+        d = {k: ({kk: vv for kk, vv in v.items() if vv is not None} if isinstance(v, dict) else v)
+             for k, v in d.items()}
         return f'# biopsyquant settings for marker {self.marker}\nmarker = "{self.marker}"\n' + \
             tomli_w.dumps(d)
 
