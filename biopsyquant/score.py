@@ -145,6 +145,9 @@ class ScoreResult:
     mpp_source: str
     warnings: list[str]
     provenance: dict
+    counts: dict = field(default_factory=dict)
+    """Additive totals (pixel counts, OD sums) behind the summary; lets callers re-summarize
+    after corrections (napari) or after summing tiles (whole slides)."""
 
     def __repr__(self) -> str:  # keep reprs short: labels are large
         return (f"ScoreResult(name={self.name!r}, marker={self.marker!r}, "
@@ -405,4 +408,4 @@ def score_image(
     return ScoreResult(name=name, marker=settings.marker, summary=summary, cells=meas.cells,
                        fibers=fibers, labels=meas.labels, settings=settings, stain_model=model,
                        mpp=mpp_val, mpp_source=mpp_source, warnings=warn_list,
-                       provenance=provenance)
+                       provenance=provenance, counts=counts)
