@@ -1,0 +1,72 @@
+"""Export a reviewed slide in the batch schema (slides.csv, cells.csv, fibers.csv).
+
+Manual edits are recorded apart from automatic detections: cells carry ``source``
+(``auto``/``manual``) and ``deleted``; the slide row carries ``cells_positive_auto``,
+``cells_added_manual`` and ``cells_deleted_manual`` next to the corrected counts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from biopsyquant import __version__
+from biopsyquant._atomic import atomic_write_text
+
+if TYPE_CHECKING:
+    from ._session import ReviewSession
+
+
+def session_tables(session: ReviewSession) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(slides, cells, fibers) tables of a reviewed session, batch column order first."""
+    res = session.result
+    summary = session.summary()
+    row = {"slide": session.name, "path": session.path or "", "status": "ok", "error": "",
+           **summary, "manual_review": True, "settings_digest": res.settings.digest()}
+    slides = pd.DataFrame([row])
+    cells = session.cells_table()
+    if len(cells) or len(cells.columns):
+        cells.insert(0, "slide", session.name)
+    fibers = res.fibers.copy()
+    fibers.insert(0, "slide", session.name)
+    return slides, cells, fibers
+
+
+def export_session(session: ReviewSession, out_dir: Path) -> dict[str, Path]:
+    """Write the tables, the exclusions GeoJSON and provenance into ``out_dir`` (atomic)."""
+    if session.result is None:
+        raise RuntimeError("score the slide before exporting")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slides, cells, fibers = session_tables(session)
+    written = {
+        "slides": atomic_write_text(out_dir / "slides.csv", slides.to_csv(index=False)),
+        "cells": atomic_write_text(out_dir / "cells.csv", cells.to_csv(index=False)),
+        "fibers": atomic_write_text(out_dir / "fibers.csv", fibers.to_csv(index=False)),
+    }
+    if session.exclusions:
+        from biopsyquant.tissue import save_exclusions
+
+        path = out_dir / f"{session.name}.exclusions.geojson"
+        save_exclusions(session.exclusions, path)
+        written["exclusions"] = path
+    res = session.result
+    prov = {
+        "biopsyquant_version": __version__,
+        "source": "napari review",
+        "slide": session.name,
+        "path": session.path,
+        "settings": res.settings.to_dict(),
+        "settings_digest": res.settings.digest(),
+        "stain_model": res.stain_model.to_dict(),
+        "mpp": session.mpp,
+        "mpp_source": session.mpp_source,
+        "manual_edits": {"deleted_cell_ids": sorted(int(i) for i in session.deleted),
+                         "added_cells_xy_px": [list(p) for p in session.added]},
+        "warnings": res.warnings,
+    }
+    written["run"] = atomic_write_text(out_dir / "run.json", json.dumps(prov, indent=2,
+                                                                         default=str))
+    return written
