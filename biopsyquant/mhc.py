@@ -1,0 +1,554 @@
+"""MHC class I scoring on muscle fibers: per-fiber rim / interior DAB, calls, grades, pattern.
+
+Per fiber (labels from :func:`biopsyquant.fibers.segment_fibers`):
+
+* **rim** = fiber pixels closer than ``rim_width_um`` to the fiber's own outline (distance
+  transform of the label image with every label border as zero; the image border is *not* an
+  outline, so fibers cut by a tile edge keep their true rim); **interior** = the other fiber
+  pixels. Only analysed pixels (tissue minus exclusions) are used.
+* ``rim_dab_od`` = the ``rim_quantile`` (default 0.75) of the rim's DAB OD and
+  ``interior_dab_od`` = the ``interior_quantile`` (default median) of the interior's DAB OD
+  (log10, background-relative). Quantiles rather than means keep a DAB-positive capillary that
+  touches a negative fiber (a few % of its perimeter) from raising its rim value.
+* **call**: positive when ``rim_dab_od ≥ positive_od`` or ``interior_dab_od ≥ positive_od``
+  (default 0.2).
+* **pattern** of a positive fiber: ``sarcoplasmic`` when the interior is positive and the rim
+  is no more than ``rim_contrast_od`` (0.1) darker than the interior; ``both`` when the interior
+  is positive and the rim is darker by at least ``rim_contrast_od``; ``sarcolemmal`` when only
+  the rim is positive; negative fibers are ``none``.
+* **grade 0–3**: 0 for a negative fiber; otherwise 1 + [s ≥ ``grade_2_od``] +
+  [s ≥ ``grade_3_od``] with s = max(rim, interior) (defaults 0.4 and 0.6: 1+ weak, 2+
+  moderate, 3+ strong like the QuPath intensity tiers).
+
+**Capillaries and vessels are never fibers.** They are DAB-positive in every section (the
+internal control). The fiber segmenter drops ring-shaped and small objects; this module adds
+its own guard, so an object is *not scored* (``mhc_scored`` False, NA call) when its area is
+below ``min_fiber_area_um2``, it is ring-shaped or thin (deepest interior point
+< ``min_compactness`` × the radius of a disk of the same area), more than
+``max_lumen_fraction`` of it is empty (total OD < ``lumen_max_total_od``: a vessel lumen), or
+less than ``min_analysed_fraction`` of it lies in analysed tissue. The mean DAB OD of the
+positive capillaries / small vessels outside the fibers (found as in
+:func:`biopsyquant.pixels.positive_vessels`) is reported as ``capillary_dab_od``; a value
+below ``control_min_od`` sets ``control_ok`` False (staining failed or vectors wrong).
+
+Per slide (:func:`summarize`): fibers scored / positive / % positive, grade counts and %, the
+published 0–5 grade by % positive fibers (0: none, 1: ≤ 10 %, 2: > 10–25 %, 3: > 25–50 %,
+4: > 50 % and not all, 5: all), % positive among perifascicular fibers (a fiber within
+``perifascicular_distance_um`` of perimysium or a vessel, compartment codes
+``fascicle_edge_codes``) vs the rest, and the distribution ``mhc_pattern``:
+
+* ``none`` — fewer than ``pattern_min_positive_pct`` % positive fibers;
+* ``perifascicular`` — at least ``perifascicular_min_fibers`` perifascicular fibers, their
+  % positive ≥ ``perifascicular_ratio`` × the rest's and ≥ the rest's +
+  ``perifascicular_min_difference_pct`` points;
+* ``diffuse`` — otherwise, when at least ``diffuse_min_region_pct`` % of the square regions of
+  ``pattern_region_um`` holding ≥ ``pattern_min_region_fibers`` scored fibers are involved (a
+  region is involved when its % positive reaches ``region_involved_fraction`` × the slide's %
+  positive, and at least ``pattern_min_positive_pct``);
+* ``focal`` — otherwise (positive fibers concentrated in part of the section).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+import pandas as pd
+from numba import njit
+
+from .errors import InputError
+from .pixels import _od_lut, _pale_par, _pale_ser, _run, positive_vessels
+
+if TYPE_CHECKING:  # score imports the analysis modules lazily; avoid a cycle at import time
+    from .score import ImageContext, Measurements
+
+__all__ = [
+    "MhcParams",
+    "FIBER_COLUMNS",
+    "score_fibers_mhc",
+    "grade_0_5",
+    "measure",
+    "summarize",
+]
+
+#: per-fiber columns added by :func:`measure` (besides ``fiber_id``)
+FIBER_COLUMNS: tuple[str, ...] = (
+    "rim_dab_od", "interior_dab_od", "rim_positive_fraction", "mhc_scored", "mhc_positive",
+    "mhc_grade", "mhc_pattern", "perimysium_distance_um", "perifascicular",
+)
+
+_JIT = {"fastmath": False, "cache": True, "nogil": True}
+
+#: DAB OD histogram used for per-fiber quantiles: bins of 0.01 OD from -0.5 to 3.0
+_H_LO, _H_W, _H_N = -0.5, 0.01, 350
+
+
+@dataclass(frozen=True)
+class MhcParams:
+    """Settings of MHC class I fiber scoring (sizes in µm, OD in log10 DAB OD).
+
+    Parameters
+    ----------
+    rim_width_um : float
+        Width of the sarcolemmal rim band inside the fiber outline.
+    rim_quantile, interior_quantile : float
+        Quantile (0–1) of the DAB OD of rim / interior pixels used as the fiber's value.
+    positive_od : float
+        A fiber is positive when its rim or interior value reaches this (grade 1 from here).
+    grade_2_od, grade_3_od : float
+        Grade 2 / 3 from these values of max(rim, interior).
+    rim_contrast_od : float
+        Rim darker than the interior by at least this counts as sarcolemmal accentuation
+        (pattern ``both`` instead of ``sarcoplasmic``).
+    min_fiber_area_um2 : float
+        Smaller objects are not scored (capillaries, fragments).
+    min_compactness : float
+        Deepest interior distance / equivalent-disk radius below which an object is ring-shaped
+        or thin and not scored (disk 1.0, square 0.89, 3:1 ellipse ≈ 0.58, vessel wall ≈ 0.1).
+    max_lumen_fraction : float
+        Objects more than this fraction empty (a lumen) are not scored.
+    lumen_max_total_od : float
+        Pixels whose R+G+B optical density is below this are empty.
+    min_analysed_fraction : float
+        Objects with less than this fraction of their pixels in analysed tissue (exclusions)
+        are not scored.
+    perifascicular_distance_um : float
+        A fiber whose nearest pixel lies within this distance of a fascicle-edge compartment is
+        perifascicular.
+    fascicle_edge_codes : tuple of int
+        Compartment codes that mark the fascicle edge (3 perimysium, 4 vessel, 5 perivascular).
+    pattern_min_positive_pct : float
+        Below this % positive fibers the slide pattern is ``none``.
+    perifascicular_ratio, perifascicular_min_difference_pct : float
+        Perifascicular pattern: perifascicular % positive ≥ ratio × the rest and ≥ rest +
+        difference (percentage points).
+    perifascicular_min_fibers : int
+        ... with at least this many perifascicular fibers scored.
+    pattern_region_um : float
+        Edge of the square regions used to tell diffuse from focal.
+    pattern_min_region_fibers : int
+        Regions with fewer scored fibers are ignored.
+    region_involved_fraction : float
+        A region is involved when its % positive ≥ this × the slide's % positive.
+    diffuse_min_region_pct : float
+        Diffuse when at least this % of regions are involved, else focal.
+    capillary_od, capillary_min_area_um2, capillary_max_area_um2, capillary_max_lumen_um2,
+    capillary_max_elongation : float
+        Internal control: positive capillary / small vessel objects outside the fibers (see
+        :class:`biopsyquant.pixels.PixelParams`).
+    control_min_od : float
+        ``control_ok`` is False when the capillaries' mean DAB OD is below this.
+    """
+
+    rim_width_um: float = 2.0
+    rim_quantile: float = 0.75
+    interior_quantile: float = 0.5
+    positive_od: float = 0.2
+    grade_2_od: float = 0.4
+    grade_3_od: float = 0.6
+    rim_contrast_od: float = 0.1
+    min_fiber_area_um2: float = 80.0
+    min_compactness: float = 0.3
+    max_lumen_fraction: float = 0.3
+    lumen_max_total_od: float = 0.06
+    min_analysed_fraction: float = 0.5
+    perifascicular_distance_um: float = 10.0
+    fascicle_edge_codes: tuple = (3, 4, 5)
+    pattern_min_positive_pct: float = 1.0
+    perifascicular_ratio: float = 2.0
+    perifascicular_min_difference_pct: float = 15.0
+    perifascicular_min_fibers: int = 10
+    pattern_region_um: float = 500.0
+    pattern_min_region_fibers: int = 10
+    region_involved_fraction: float = 0.5
+    diffuse_min_region_pct: float = 50.0
+    capillary_od: float = 0.3
+    capillary_min_area_um2: float = 10.0
+    capillary_max_area_um2: float = 400.0
+    capillary_max_lumen_um2: float = 60.0
+    capillary_max_elongation: float = 3.0
+    control_min_od: float = 0.3
+
+    def __post_init__(self) -> None:
+        for f in self.__dataclass_fields__:
+            v = getattr(self, f)
+            if f == "fascicle_edge_codes":
+                if not all(isinstance(c, int) and 0 <= c <= 255 for c in v):
+                    raise InputError(f"MhcParams.fascicle_edge_codes must be compartment codes "
+                                     f"0-255, got {v!r}")
+                continue
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise InputError(f"MhcParams.{f} must be a finite number, got {v!r}")
+            if v < 0:
+                raise InputError(f"MhcParams.{f} must be >= 0, got {v!r}")
+        if not (0 < self.positive_od < self.grade_2_od < self.grade_3_od):
+            raise InputError(
+                "MhcParams thresholds must satisfy 0 < positive_od < grade_2_od < grade_3_od, "
+                f"got {self.positive_od}, {self.grade_2_od}, {self.grade_3_od}")
+        for f in ("rim_quantile", "interior_quantile", "max_lumen_fraction",
+                  "min_analysed_fraction"):
+            if not 0 <= getattr(self, f) <= 1:
+                raise InputError(f"MhcParams.{f} must be between 0 and 1, got {getattr(self, f)}")
+        if self.rim_width_um <= 0:
+            raise InputError(f"MhcParams.rim_width_um must be > 0, got {self.rim_width_um}")
+
+
+# ------------------------------------------------------------------------------- kernels
+@njit(**_JIT)
+def _outline(labels, out):
+    """out = 1 inside a fiber except on its outline (4-neighbour with another label)."""
+    h, w = labels.shape
+    for i in range(h):
+        for j in range(w):
+            lab = labels[i, j]
+            if lab <= 0:
+                out[i, j] = 0
+                continue
+            b = False
+            if i > 0 and labels[i - 1, j] != lab:
+                b = True
+            elif i < h - 1 and labels[i + 1, j] != lab:
+                b = True
+            elif j > 0 and labels[i, j - 1] != lab:
+                b = True
+            elif j < w - 1 and labels[i, j + 1] != lab:
+                b = True
+            out[i, j] = 0 if b else 1
+
+
+@njit(**_JIT)
+def _fiber_stats(labels, dab, mask, dist, pale, edge, rim_px, lo, inv_w, nb,
+                 rim_hist, int_hist, npx, nana, npale, maxdist, minedge):
+    h, w = labels.shape
+    for i in range(h):
+        for j in range(w):
+            lab = labels[i, j]
+            if lab <= 0:
+                continue
+            npx[lab] += 1
+            d = dist[i, j]
+            if d > maxdist[lab]:
+                maxdist[lab] = d
+            e = edge[i, j]
+            if e < minedge[lab]:
+                minedge[lab] = e
+            if not mask[i, j]:
+                continue
+            nana[lab] += 1
+            if pale[i, j]:
+                npale[lab] += 1
+            b = int((dab[i, j] - lo) * inv_w)
+            if b < 0:
+                b = 0
+            elif b >= nb:
+                b = nb - 1
+            if d < rim_px:
+                rim_hist[lab, b] += 1
+            else:
+                int_hist[lab, b] += 1
+
+
+def _hist_quantile(hist: np.ndarray, q: float) -> np.ndarray:
+    """Quantile per row of a (n, nb) histogram with bins of _H_W from _H_LO (interpolated)."""
+    n = hist.sum(axis=1)
+    cum = np.cumsum(hist, axis=1)
+    target = q * n
+    idx = np.minimum((cum < target[:, None]).sum(axis=1), hist.shape[1] - 1)
+    rows = np.arange(len(hist))
+    before = np.where(idx > 0, cum[rows, np.maximum(idx - 1, 0)], 0)
+    inbin = hist[rows, idx]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = np.where(inbin > 0, (target - before) / inbin, 0.5)
+    val = _H_LO + (idx + np.clip(frac, 0, 1)) * _H_W
+    return np.where(n > 0, val, np.nan)
+
+
+def _pattern_call(rim, interior, p: MhcParams):
+    rim_pos = rim >= p.positive_od
+    int_pos = interior >= p.positive_od
+    positive = rim_pos | int_pos
+    s = np.fmax(rim, interior)
+    grade = np.where(positive, 1 + (s >= p.grade_2_od) + (s >= p.grade_3_od), 0)
+    accent = (rim - interior) >= p.rim_contrast_od
+    pattern = np.where(~positive, "none",
+                       np.where(int_pos, np.where(accent, "both", "sarcoplasmic"), "sarcolemmal"))
+    return positive, grade, pattern
+
+
+def score_fibers_mhc(fiber_labels: np.ndarray, dab_od: np.ndarray, *, mpp: float,
+                     params: MhcParams | None = None, analysed: np.ndarray | None = None,
+                     rgb: np.ndarray | None = None, background=(255.0, 255.0, 255.0),
+                     compartments: np.ndarray | None = None) -> pd.DataFrame:
+    """Per-fiber MHC class I values, calls and grades (rule in the module docstring).
+
+    Parameters
+    ----------
+    fiber_labels : ndarray of int, (H, W)
+        Fiber labels (0 = none).
+    dab_od : ndarray of float32, (H, W)
+        DAB OD (log10, background-relative).
+    mpp : float
+        Pixel size (µm/px) for the µm settings.
+    params : MhcParams, optional
+    analysed : ndarray of bool, (H, W), optional
+        Analysed tissue (tissue minus exclusions); default everything.
+    rgb : ndarray of uint8, (H, W, 3), optional
+        The image, for the lumen guard (total OD); without it the guard is off.
+    background : sequence of 3 float
+        Glass intensity (R, G, B) of the stain model.
+    compartments : ndarray of uint8, (H, W), optional
+        Compartment codes for the perifascicular flag (NaN distance without).
+
+    Returns
+    -------
+    DataFrame
+        ``fiber_id`` plus :data:`FIBER_COLUMNS`: ``rim_dab_od, interior_dab_od`` (float, OD),
+        ``rim_positive_fraction`` (share of rim pixels ≥ ``positive_od``), ``mhc_scored``
+        (bool), ``mhc_positive`` (nullable boolean), ``mhc_grade`` (nullable Int8, 0–3),
+        ``mhc_pattern`` (``sarcolemmal``/``sarcoplasmic``/``both``/``none``/``not_scored``),
+        ``perimysium_distance_um`` (nearest fiber pixel to a fascicle-edge compartment; NaN
+        when none in the image), ``perifascicular`` (bool).
+    """
+    p = MhcParams() if params is None else params
+    labels = np.asarray(fiber_labels)
+    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(f"`fiber_labels` must be a 2-D integer label image, got "
+                         f"{labels.dtype} {labels.shape}")
+    if not (mpp and math.isfinite(mpp) and mpp > 0):
+        raise InputError(f"mpp must be a positive number of µm per pixel, got {mpp!r}")
+    shape = labels.shape
+    labels = np.ascontiguousarray(labels, dtype=np.int32)
+    dab = np.asarray(dab_od, np.float32)
+    if dab.shape != shape:
+        raise InputError(f"`dab_od` has shape {dab.shape}, fiber labels have {shape}")
+    dab = np.ascontiguousarray(dab)
+    mask = (np.ones(shape, bool) if analysed is None
+            else np.ascontiguousarray(np.asarray(analysed, bool)))
+    if mask.shape != shape:
+        raise InputError(f"`analysed` has shape {mask.shape}, fiber labels have {shape}")
+    n = int(labels.max(initial=0))
+    if n <= 0:
+        return pd.DataFrame({"fiber_id": pd.Series(dtype=np.int32),
+                             **{c: pd.Series(dtype=float) for c in FIBER_COLUMNS}})
+    inside = np.empty(shape, np.uint8)
+    _outline(labels, inside)
+    dist = cv2.distanceTransform(inside, cv2.DIST_L2, 5)
+    pale = np.zeros(shape, np.uint8)
+    if rgb is not None:
+        rgb = np.ascontiguousarray(rgb)
+        if rgb.shape[:2] != shape or rgb.dtype != np.uint8 or rgb.ndim != 3:
+            raise InputError(f"`rgb` must be uint8 {shape + (3,)}, got {rgb.dtype} {rgb.shape}")
+        _run(_pale_par, _pale_ser, pale.size, rgb, _od_lut(background),
+             np.float32(p.lumen_max_total_od), labels > 0, pale)
+    edge = np.full(shape, np.inf, np.float32)
+    if compartments is not None:
+        comp = np.asarray(compartments)
+        if comp.shape != shape:
+            raise InputError(f"`compartments` has shape {comp.shape}, fiber labels have {shape}")
+        edge_mask = np.isin(comp, np.asarray(p.fascicle_edge_codes, np.uint8))
+        if edge_mask.any():
+            edge = cv2.distanceTransform((~edge_mask).view(np.uint8), cv2.DIST_L2, 5)
+    rim_px = p.rim_width_um / mpp
+    rim_hist = np.zeros((n + 1, _H_N), np.int32)
+    int_hist = np.zeros((n + 1, _H_N), np.int32)
+    npx = np.zeros(n + 1, np.int64)
+    nana = np.zeros(n + 1, np.int64)
+    npale = np.zeros(n + 1, np.int64)
+    maxdist = np.zeros(n + 1, np.float32)
+    minedge = np.full(n + 1, np.inf, np.float32)
+    _fiber_stats(labels, dab, mask, dist, pale, edge, np.float32(rim_px), np.float32(_H_LO),
+                 np.float32(1 / _H_W), _H_N, rim_hist, int_hist, npx, nana, npale, maxdist,
+                 minedge)
+    ids = np.flatnonzero(npx)
+    ids = ids[ids > 0]
+    rh, ih = rim_hist[ids], int_hist[ids]
+    rim = _hist_quantile(rh, p.rim_quantile)
+    interior = _hist_quantile(ih, p.interior_quantile)
+    # a fiber too small for an interior: its rim is all there is
+    interior = np.where(np.isnan(interior), _hist_quantile(rh, p.interior_quantile), interior)
+    first_pos = int(math.ceil((p.positive_od - _H_LO) / _H_W - 1e-9))
+    rn = rh.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rim_pos_frac = np.where(rn > 0, rh[:, first_pos:].sum(axis=1) / rn, np.nan)
+    area_um2 = npx[ids] * mpp * mpp
+    eq_radius = np.sqrt(npx[ids] / np.pi)
+    # distance is 0 on the outline, so the deepest pixel of a disk of radius r is ~ r - 1
+    compact = (maxdist[ids] + 1.0) / np.maximum(eq_radius, 1e-9)
+    ana_frac = nana[ids] / npx[ids]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pale_frac = np.where(nana[ids] > 0, npale[ids] / nana[ids], 0.0)
+    scored = ((area_um2 >= p.min_fiber_area_um2) & (compact >= p.min_compactness)
+              & (pale_frac <= p.max_lumen_fraction) & (ana_frac >= p.min_analysed_fraction)
+              & np.isfinite(rim))
+    positive, grade, pattern = _pattern_call(np.nan_to_num(rim, nan=-1.0),
+                                             np.nan_to_num(interior, nan=-1.0), p)
+    pattern = np.where(scored, pattern, "not_scored")
+    edge_um = np.where(np.isfinite(minedge[ids]), minedge[ids].astype(float) * mpp, np.nan)
+    df = pd.DataFrame({
+        "fiber_id": ids.astype(np.int32),
+        "rim_dab_od": rim,
+        "interior_dab_od": interior,
+        "rim_positive_fraction": rim_pos_frac,
+        "mhc_scored": scored,
+        "mhc_positive": pd.array(np.where(scored, positive, False), dtype="boolean"),
+        "mhc_grade": pd.array(grade, dtype="Int8"),
+        "mhc_pattern": pattern.astype(object),
+        "perimysium_distance_um": edge_um,
+        "perifascicular": np.nan_to_num(edge_um, nan=np.inf) <= p.perifascicular_distance_um,
+    })
+    df.loc[~scored, "mhc_positive"] = pd.NA
+    df.loc[~scored, "mhc_grade"] = pd.NA
+    return df
+
+
+def grade_0_5(positive_pct: float, n_scored: int) -> float:
+    """Published MHC-I grade (0–5) from the % of positive fibers.
+
+    0: none, 1: ≤ 10 %, 2: > 10–25 %, 3: > 25–50 %, 4: > 50 % but not all, 5: all fibers.
+    NaN when no fiber was scored.
+    """
+    if n_scored <= 0 or not np.isfinite(positive_pct):
+        return float("nan")
+    if positive_pct <= 0:
+        return 0
+    if positive_pct >= 100:
+        return 5
+    for grade, upper in ((1, 10), (2, 25), (3, 50)):
+        if positive_pct <= upper:
+            return grade
+    return 4
+
+
+# ------------------------------------------------------------------------------- contract
+def _params(settings) -> MhcParams:
+    p = getattr(settings, "sections", {}).get("mhc") if settings is not None else None
+    return p if isinstance(p, MhcParams) else MhcParams()
+
+
+def measure(ctx: ImageContext) -> Measurements:
+    """MHC-I half of the engine contract for one image or tile.
+
+    Returns
+    -------
+    Measurements
+        ``fibers``: :func:`score_fibers_mhc` rows (all fibers of the image; the caller keeps
+        those whose centroid this tile owns); ``cells``: positive capillaries / small vessels
+        (owned centroids) with ``kind="capillary"``; ``counts``: ``capillary_n``,
+        ``capillary_stained_px``, ``capillary_od_sum`` (internal control, additive).
+    """
+    from .score import Measurements
+
+    p = _params(ctx.settings)
+    mpp = float(ctx.size_mpp)
+    fib = score_fibers_mhc(ctx.fibers, ctx.dab_od, mpp=mpp, params=p, analysed=ctx.analysed,
+                           rgb=ctx.rgb, background=ctx.stain_model.background,
+                           compartments=ctx.compartments)
+    comp = np.asarray(ctx.compartments)
+    region = np.asarray(ctx.analysed, bool) & (comp >= 2)
+    ves = positive_vessels(ctx.dab_od, region=region, mpp=mpp, own=ctx.own,
+                           threshold_od=p.capillary_od, min_area_um2=p.capillary_min_area_um2,
+                           max_area_um2=p.capillary_max_area_um2,
+                           max_lumen_um2=p.capillary_max_lumen_um2,
+                           max_elongation=p.capillary_max_elongation)
+    counts = {
+        "capillary_n": int(len(ves)),
+        "capillary_stained_px": int(ves["stained_px"].sum()) if len(ves) else 0,
+        "capillary_od_sum": float(ves["dab_od_sum"].sum()) if len(ves) else 0.0,
+    }
+    cells = pd.DataFrame({
+        "x_px": ves["x_px"].to_numpy(float), "y_px": ves["y_px"].to_numpy(float),
+        "area_um2": ves["area_px"].to_numpy(float) * (ctx.mpp ** 2 if ctx.mpp else np.nan),
+        "dab_mean_od": (ves["dab_od_sum"] / ves["stained_px"].clip(lower=1)).to_numpy(float),
+        "kind": np.full(len(ves), "capillary", dtype=object),
+    })
+    return Measurements(cells=cells, fibers=fib, counts=counts)
+
+
+def _pct(k: int, n: int) -> float:
+    return float(100.0 * k / n) if n > 0 else float("nan")
+
+
+def summarize(*, cells: pd.DataFrame, fibers: pd.DataFrame, counts: dict, mpp: float | None,
+              settings, areas_mm2: dict) -> dict:
+    """Slide summary of MHC-I scoring from the whole-slide fiber table and counts.
+
+    Returns
+    -------
+    dict
+        ``fibers_scored, fibers_not_scored, fibers_positive, fibers_positive_pct,
+        fibers_grade_0..3`` and ``fibers_grade_0..3_pct`` (of scored fibers), ``mhc_grade_0_5``,
+        ``fibers_sarcolemmal / sarcoplasmic / both`` (counts), ``perifascicular_fibers``,
+        ``perifascicular_positive_pct``, ``non_perifascicular_positive_pct``, ``mhc_pattern``,
+        ``rim_dab_od_mean``, ``interior_dab_od_mean`` (over scored fibers),
+        ``positive_capillaries``, ``capillary_dab_od`` and ``control_ok``.
+    """
+    p = _params(settings)
+    out: dict = {}
+    if len(fibers) and "mhc_scored" in fibers:
+        f = fibers[fibers["mhc_scored"].fillna(False).astype(bool)]
+    else:
+        f = pd.DataFrame({c: pd.Series(dtype=float) for c in FIBER_COLUMNS})
+    n_all = int(len(fibers))
+    n = int(len(f))
+    pos = f["mhc_positive"].fillna(False).astype(bool).to_numpy() if n else np.zeros(0, bool)
+    grade = f["mhc_grade"].fillna(0).astype(int).to_numpy() if n else np.zeros(0, int)
+    npos = int(pos.sum())
+    pct = _pct(npos, n)
+    out["fibers_scored"] = n
+    out["fibers_not_scored"] = n_all - n
+    out["fibers_positive"] = npos
+    out["fibers_positive_pct"] = pct
+    for g in range(4):
+        k = int((grade == g).sum())
+        out[f"fibers_grade_{g}"] = k
+        out[f"fibers_grade_{g}_pct"] = _pct(k, n)
+    out["mhc_grade_0_5"] = grade_0_5(pct, n)
+    pat = f["mhc_pattern"].to_numpy() if n else np.zeros(0, object)
+    for name in ("sarcolemmal", "sarcoplasmic", "both"):
+        out[f"fibers_{name}"] = int((pat == name).sum())
+    peri = f["perifascicular"].fillna(False).astype(bool).to_numpy() if n else np.zeros(0, bool)
+    n_peri = int(peri.sum())
+    pp, pn = _pct(int(pos[peri].sum()), n_peri), _pct(int(pos[~peri].sum()), n - n_peri)
+    out["perifascicular_fibers"] = n_peri
+    out["perifascicular_positive_pct"] = pp
+    out["non_perifascicular_positive_pct"] = pn
+    out["mhc_pattern"] = _slide_pattern(f, pos, peri, pct, pp, pn, mpp, settings, p)
+    out["rim_dab_od_mean"] = float(f["rim_dab_od"].mean()) if n else float("nan")
+    out["interior_dab_od_mean"] = float(f["interior_dab_od"].mean()) if n else float("nan")
+    spx = counts.get("capillary_stained_px", 0)
+    cap = float(counts.get("capillary_od_sum", 0.0)) / spx if spx else float("nan")
+    out["positive_capillaries"] = int(counts.get("capillary_n", 0))
+    out["capillary_dab_od"] = cap
+    out["control_ok"] = bool(np.isfinite(cap) and cap >= p.control_min_od)
+    return out
+
+
+def _slide_pattern(f, pos, peri, pct, pp, pn, mpp, settings, p: MhcParams) -> str:
+    n = len(f)
+    if n == 0 or not np.isfinite(pct) or pct < p.pattern_min_positive_pct:
+        return "none"
+    n_peri = int(peri.sum())
+    if (n_peri >= p.perifascicular_min_fibers and np.isfinite(pp) and np.isfinite(pn)
+            and pp >= p.perifascicular_ratio * pn
+            and pp >= pn + p.perifascicular_min_difference_pct):
+        return "perifascicular"
+    size_mpp = mpp if mpp else getattr(getattr(settings, "tiling", None), "assumed_mpp_unknown",
+                                       0.5)
+    cell = p.pattern_region_um / size_mpp
+    if "x_px" not in f or "y_px" not in f:
+        return "diffuse"
+    gx = np.floor(f["x_px"].to_numpy(float) / cell).astype(np.int64)
+    gy = np.floor(f["y_px"].to_numpy(float) / cell).astype(np.int64)
+    key = (gy - gy.min()) * (int(gx.max() - gx.min()) + 1) + (gx - gx.min())
+    _, inv = np.unique(key, return_inverse=True)
+    tot = np.bincount(inv)
+    npos = np.bincount(inv, weights=pos.astype(float))
+    ok = tot >= p.pattern_min_region_fibers
+    if not ok.any():
+        return "diffuse"
+    rpct = 100.0 * npos[ok] / tot[ok]
+    involved = rpct >= max(p.region_involved_fraction * pct, p.pattern_min_positive_pct)
+    return "diffuse" if 100.0 * involved.mean() >= p.diffuse_min_region_pct else "focal"

@@ -1,0 +1,546 @@
+"""Pixel scoring of DAB expression (IL-1α, IL-1β, IL-1Ra): area, intensity tiers, H-score.
+
+Every analysed pixel (tissue minus exclusions, minus empty lumina, see below) is put into one
+of four DAB intensity classes by its DAB optical density (log10, relative to the slide's
+measured background):
+
+====== ===================================== =====================
+class  rule (defaults)                        name
+====== ===================================== =====================
+0      OD < ``weak_od`` (0.2)                 negative
+1      ``weak_od`` ≤ OD < ``moderate_od``     weak (1+)
+2      ``moderate_od`` ≤ OD < ``strong_od``   moderate (2+)
+3      OD ≥ ``strong_od`` (0.6)               strong (3+)
+====== ===================================== =====================
+
+and into a compartment group by the compartment code under it (``fibers`` = code 1,
+``interstitium`` = codes 2–5; see docs/architecture.md). From the class counts:
+
+* positive area % = (n1 + n2 + n3) / n · 100,
+* weak / moderate / strong area % = n_k / n · 100,
+* pixel H-score = 1·weak % + 2·moderate % + 3·strong % (0–300),
+* mean DAB OD = Σ OD / n (all scored pixels, negative ones included),
+
+over all scored pixels, over fiber pixels (suffix ``_fibers``) and over interstitial pixels
+(suffix ``_interstitium``).
+
+**Empty areas never count.** Glass is not tissue. Holes inside the tissue — vessel lumina,
+freezing artefacts, tears — are removed as *lumina*: connected regions of at least
+``lumen_min_area_um2`` whose total optical density (sum of the R, G, B OD) stays below
+``lumen_max_total_od``. Their pixels are neither positive nor part of the denominator.
+
+**Positive capillaries / vessels.** DAB-positive (OD ≥ ``capillary_od``) connected objects
+outside the fibers (codes 2–5), with their small enclosed lumen (≤ ``capillary_max_lumen_um2``)
+filled, whose filled area lies between ``capillary_min_area_um2`` and
+``capillary_max_area_um2`` and whose moment-ellipse axis ratio is at most
+``capillary_max_elongation``. They are counted by the tile that owns their centroid, so tile
+counts add up. Note: a DAB-positive inflammatory cell of capillary size in the endomysium is
+indistinguishable from a capillary by shape alone and is counted too.
+
+:func:`measure` returns only additive numbers (pixel counts per class and group, OD sums,
+owned objects) so whole-slide scoring can sum tiles; :func:`summarize` turns the totals into
+percentages.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+import pandas as pd
+from numba import njit, prange
+
+from .errors import InputError
+
+if TYPE_CHECKING:  # score imports the analysis modules lazily; avoid a cycle at import time
+    from .score import ImageContext, Measurements
+
+__all__ = [
+    "PixelParams",
+    "GROUPS",
+    "score_pixels",
+    "pixel_summary",
+    "lumen_mask",
+    "total_od",
+    "positive_vessels",
+    "measure",
+    "summarize",
+]
+
+#: compartment groups of the pixel counts (index = group id in the kernels)
+GROUPS: tuple[str, ...] = ("fibers", "interstitium", "unassigned")
+#: compartment code -> group id (0 outside -> unassigned, 1 fiber, 2-5 interstitium)
+_CODE_GROUP = np.array([2, 0, 1, 1, 1, 1] + [2] * 250, dtype=np.uint8)
+
+_JIT = {"fastmath": False, "cache": True, "nogil": True}
+
+
+@dataclass(frozen=True)
+class PixelParams:
+    """Settings of DAB pixel scoring (OD thresholds in log10 DAB OD, sizes in µm).
+
+    Parameters
+    ----------
+    weak_od, moderate_od, strong_od : float
+        Lower bounds of the weak (1+), moderate (2+) and strong (3+) DAB classes; a pixel is
+        positive from ``weak_od`` on. Must increase.
+    drop_lumina : bool
+        Remove empty lumina / holes inside the tissue from numerator and denominator.
+    lumen_max_total_od : float
+        A pixel is "empty" when the sum of its R, G, B optical densities is below this.
+    lumen_min_area_um2 : float
+        Empty pixels count as a lumen only in connected regions at least this large (µm²), so
+        single pale pixels of a negative fiber stay in the denominator.
+    capillary_od : float
+        DAB OD from which a pixel belongs to a positive capillary / vessel object.
+    capillary_min_area_um2, capillary_max_area_um2 : float
+        Filled-area range (µm²) of a counted capillary / small vessel.
+    capillary_max_lumen_um2 : float
+        Enclosed holes up to this area (µm²) are filled (the lumen of a capillary).
+    capillary_max_elongation : float
+        Largest major/minor axis ratio of a counted object (cross-cut capillaries are round;
+        elongated streaks of stained endomysium are not counted).
+    """
+
+    weak_od: float = 0.2
+    moderate_od: float = 0.4
+    strong_od: float = 0.6
+    drop_lumina: bool = True
+    lumen_max_total_od: float = 0.06
+    lumen_min_area_um2: float = 20.0
+    capillary_od: float = 0.3
+    capillary_min_area_um2: float = 10.0
+    capillary_max_area_um2: float = 400.0
+    capillary_max_lumen_um2: float = 60.0
+    capillary_max_elongation: float = 3.0
+
+    def __post_init__(self) -> None:
+        for name in ("weak_od", "moderate_od", "strong_od", "lumen_max_total_od",
+                     "lumen_min_area_um2", "capillary_od", "capillary_min_area_um2",
+                     "capillary_max_area_um2", "capillary_max_lumen_um2",
+                     "capillary_max_elongation"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise InputError(f"PixelParams.{name} must be a finite number, got {v!r}")
+        if not (0 < self.weak_od < self.moderate_od < self.strong_od):
+            raise InputError(
+                "PixelParams thresholds must satisfy 0 < weak_od < moderate_od < strong_od, got "
+                f"{self.weak_od}, {self.moderate_od}, {self.strong_od}")
+        if self.capillary_max_area_um2 <= self.capillary_min_area_um2:
+            raise InputError("PixelParams.capillary_max_area_um2 must exceed "
+                             "capillary_min_area_um2")
+        if self.capillary_max_elongation < 1:
+            raise InputError("PixelParams.capillary_max_elongation must be >= 1, got "
+                             f"{self.capillary_max_elongation}")
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        """The three class thresholds as float32 (weak, moderate, strong)."""
+        return np.array([self.weak_od, self.moderate_od, self.strong_od], np.float32)
+
+
+# ------------------------------------------------------------------------------- kernels
+@njit(**_JIT)
+def _count_row(dab, comp, mask, drop, code_group, thr, counts, sums, classes, write, i):
+    for j in range(dab.shape[1]):
+        if not mask[i, j] or drop[i, j]:
+            if write:
+                classes[i, j] = 0
+            continue
+        v = dab[i, j]
+        c = 0
+        for k in range(3):
+            if v >= thr[k]:
+                c += 1
+        g = code_group[comp[i, j]]
+        counts[i, g * 4 + c] += 1
+        sums[i, g * 4 + c] += v
+        if write:
+            classes[i, j] = c
+
+
+@njit(parallel=True, **_JIT)
+def _count_par(dab, comp, mask, drop, code_group, thr, counts, sums, classes, write):
+    for i in prange(dab.shape[0]):
+        _count_row(dab, comp, mask, drop, code_group, thr, counts, sums, classes, write, i)
+
+
+@njit(**_JIT)
+def _count_ser(dab, comp, mask, drop, code_group, thr, counts, sums, classes, write):
+    for i in range(dab.shape[0]):
+        _count_row(dab, comp, mask, drop, code_group, thr, counts, sums, classes, write, i)
+
+
+@njit(**_JIT)
+def _pale_row(rgb, lut, limit, mask, out, i):
+    for j in range(rgb.shape[1]):
+        if mask[i, j]:
+            t = lut[0, rgb[i, j, 0]] + lut[1, rgb[i, j, 1]] + lut[2, rgb[i, j, 2]]
+            out[i, j] = 1 if t < limit else 0
+        else:
+            out[i, j] = 0
+
+
+@njit(parallel=True, **_JIT)
+def _pale_par(rgb, lut, limit, mask, out):
+    for i in prange(rgb.shape[0]):
+        _pale_row(rgb, lut, limit, mask, out, i)
+
+
+@njit(**_JIT)
+def _pale_ser(rgb, lut, limit, mask, out):
+    for i in range(rgb.shape[0]):
+        _pale_row(rgb, lut, limit, mask, out, i)
+
+
+def _run(par, ser, n_pixels: int, *args) -> None:
+    """Run a parallel or serial kernel with the project's guard against nested parallelism."""
+    try:
+        from ._kernels import run
+    except ImportError:  # pragma: no cover - kernels module always ships
+        ser(*args)
+        return
+    run(par, ser, n_pixels, *args)
+
+
+# ------------------------------------------------------------------------------- helpers
+def _check_2d(arr, shape, name: str, dtype=None) -> np.ndarray:
+    a = np.asarray(arr)
+    if a.shape != tuple(shape):
+        raise InputError(f"`{name}` has shape {a.shape}, expected {tuple(shape)}")
+    if dtype is not None and a.dtype != dtype:
+        a = a.astype(dtype)
+    return np.ascontiguousarray(a)
+
+
+def _od_lut(background) -> np.ndarray:
+    v = np.maximum(np.arange(256, dtype=np.float64), 1.0)
+    bg = np.asarray(background, dtype=np.float64).reshape(3, 1)
+    return np.maximum(-np.log10(v[None, :] / bg), 0.0).astype(np.float32)
+
+
+def total_od(rgb: np.ndarray, background=(255.0, 255.0, 255.0)) -> np.ndarray:
+    """Sum of the R, G, B optical densities (log10, relative to ``background``).
+
+    Parameters
+    ----------
+    rgb : ndarray of uint8, (H, W, 3)
+    background : sequence of 3 float
+        Glass intensity per channel (0–255).
+
+    Returns
+    -------
+    ndarray of float32, (H, W)
+    """
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise InputError(f"`rgb` must be uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
+    lut = _od_lut(background)
+    out = np.take(lut[0], rgb[..., 0])
+    out += np.take(lut[1], rgb[..., 1])
+    out += np.take(lut[2], rgb[..., 2])
+    return out
+
+
+def lumen_mask(rgb: np.ndarray, *, background, mpp: float, within: np.ndarray,
+               max_total_od: float = 0.06, min_area_um2: float = 20.0) -> np.ndarray:
+    """Empty lumina / holes inside the tissue.
+
+    Parameters
+    ----------
+    rgb : ndarray of uint8, (H, W, 3)
+    background : sequence of 3 float
+        Glass intensity per channel (0–255), as in the stain model.
+    mpp : float
+        Pixel size (µm/px) used to convert ``min_area_um2``.
+    within : ndarray of bool, (H, W)
+        Where to look (the analysed tissue).
+    max_total_od : float
+        Pixels whose R+G+B optical density is below this are empty.
+    min_area_um2 : float
+        Smallest connected empty region (8-connected) that counts as a lumen (µm²).
+
+    Returns
+    -------
+    ndarray of bool, (H, W)
+    """
+    rgb = np.ascontiguousarray(rgb)
+    within = _check_2d(within, rgb.shape[:2], "within", np.bool_)
+    pale = np.empty(rgb.shape[:2], np.uint8)
+    _run(_pale_par, _pale_ser, pale.size, rgb, _od_lut(background), np.float32(max_total_od),
+         within, pale)
+    if not pale.any():
+        return np.zeros(pale.shape, bool)
+    min_px = min_area_um2 / (mpp * mpp)
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(pale, connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_px
+    keep[0] = False
+    return keep[lab]
+
+
+def score_pixels(dab_od: np.ndarray, *, analysed: np.ndarray, compartments: np.ndarray | None,
+                 params: PixelParams, drop: np.ndarray | None = None,
+                 return_classes: bool = False) -> tuple[dict, np.ndarray | None]:
+    """Additive DAB class counts and OD sums per compartment group.
+
+    Parameters
+    ----------
+    dab_od : ndarray of float32, (H, W)
+        DAB OD (log10, background-relative).
+    analysed : ndarray of bool, (H, W)
+        Pixels to score (tissue minus exclusions, restricted to the pixels a tile owns).
+    compartments : ndarray of uint8, (H, W), or None
+        Compartment codes; None puts every pixel in the interstitium group.
+    params : PixelParams
+    drop : ndarray of bool, (H, W), optional
+        Pixels removed from numerator and denominator (lumina).
+    return_classes : bool
+        Also return the uint8 class image (0–3; 0 outside ``analysed`` and in ``drop``).
+
+    Returns
+    -------
+    counts : dict
+        ``pix_n_<group>_c<k>`` (int, pixels of class k in group) and ``pix_od_<group>_c<k>``
+        (float, sum of DAB OD) for groups :data:`GROUPS` and classes 0–3.
+    classes : ndarray of uint8 (H, W) or None
+    """
+    dab = _check_2d(dab_od, np.shape(dab_od), "dab_od", np.float32)
+    if dab.ndim != 2:
+        raise InputError(f"`dab_od` must be a 2-D image, got shape {dab.shape}")
+    shape = dab.shape
+    mask = _check_2d(analysed, shape, "analysed", np.bool_)
+    if compartments is None:
+        comp = np.full(shape, 2, np.uint8)
+    else:
+        comp = _check_2d(compartments, shape, "compartments", np.uint8)
+    dr = np.zeros(shape, np.bool_) if drop is None else _check_2d(drop, shape, "drop", np.bool_)
+    h = shape[0]
+    counts = np.zeros((h, 12), np.int64)
+    sums = np.zeros((h, 12), np.float64)
+    classes = np.empty(shape if return_classes else (1, 1), np.uint8)
+    _run(_count_par, _count_ser, dab.size, dab, comp, mask, dr, _CODE_GROUP, params.thresholds,
+         counts, sums, classes, bool(return_classes))
+    n = counts.sum(axis=0)
+    s = sums.sum(axis=0)
+    out: dict = {}
+    for g, gname in enumerate(GROUPS):
+        for c in range(4):
+            out[f"pix_n_{gname}_c{c}"] = int(n[g * 4 + c])
+            out[f"pix_od_{gname}_c{c}"] = float(s[g * 4 + c])
+    return out, (classes if return_classes else None)
+
+
+def pixel_summary(counts: dict, *, groups=GROUPS) -> dict:
+    """Percentages, H-score and mean OD from additive counts (see module docstring).
+
+    Parameters
+    ----------
+    counts : dict
+        Totals of :func:`score_pixels` (summed over tiles).
+    groups : sequence of str
+        Groups to pool for the unsuffixed numbers.
+
+    Returns
+    -------
+    dict
+        ``positive_area_pct, weak_area_pct, moderate_area_pct, strong_area_pct, h_score,
+        dab_mean_od, scored_px`` and the same with ``_fibers`` / ``_interstitium``
+        (NaN where no pixel was scored).
+    """
+    out: dict = {}
+
+    def block(names, suffix):
+        n = np.array([sum(int(counts.get(f"pix_n_{g}_c{c}", 0)) for g in names)
+                      for c in range(4)], float)
+        s = sum(float(counts.get(f"pix_od_{g}_c{c}", 0.0)) for g in names for c in range(4))
+        tot = n.sum()
+        pct = n / tot * 100.0 if tot > 0 else np.full(4, np.nan)
+        out[f"positive_area_pct{suffix}"] = float(pct[1:].sum())
+        out[f"weak_area_pct{suffix}"] = float(pct[1])
+        out[f"moderate_area_pct{suffix}"] = float(pct[2])
+        out[f"strong_area_pct{suffix}"] = float(pct[3])
+        out[f"h_score{suffix}"] = float(pct[1] + 2 * pct[2] + 3 * pct[3])
+        out[f"dab_mean_od{suffix}"] = float(s / tot) if tot > 0 else float("nan")
+        out[f"scored_px{suffix}"] = int(tot)
+
+    block(tuple(groups), "")
+    block(("fibers",), "_fibers")
+    block(("interstitium",), "_interstitium")
+    return out
+
+
+def positive_vessels(dab_od: np.ndarray, *, region: np.ndarray, mpp: float,
+                     own: np.ndarray | None = None, threshold_od: float = 0.3,
+                     min_area_um2: float = 10.0, max_area_um2: float = 400.0,
+                     max_lumen_um2: float = 60.0, max_elongation: float = 3.0
+                     ) -> pd.DataFrame:
+    """DAB-positive capillaries / small vessels: round positive objects in ``region``.
+
+    Parameters
+    ----------
+    dab_od : ndarray of float32, (H, W)
+        DAB OD (log10).
+    region : ndarray of bool, (H, W)
+        Where objects may lie (analysed non-fiber tissue).
+    mpp : float
+        Pixel size (µm/px) for the area limits.
+    own : ndarray of bool, (H, W), optional
+        Pixels this tile owns; objects whose centroid is not owned are dropped.
+    threshold_od : float
+        DAB OD of an object pixel.
+    min_area_um2, max_area_um2 : float
+        Filled-area range of a counted object (µm²).
+    max_lumen_um2 : float
+        Enclosed holes up to this area are filled before measuring.
+    max_elongation : float
+        Largest major/minor axis ratio of the moment ellipse.
+
+    Returns
+    -------
+    DataFrame
+        One row per object: ``x_px, y_px`` (centroid), ``area_px`` (filled), ``stained_px``,
+        ``dab_od_sum`` (over the stained pixels), ``elongation``.
+    """
+    dab = np.asarray(dab_od, np.float32)
+    shape = dab.shape
+    region = _check_2d(region, shape, "region", np.bool_)
+    cols = ["x_px", "y_px", "area_px", "stained_px", "dab_od_sum", "elongation"]
+    pos = (dab >= threshold_od) & region
+    if not pos.any():
+        return pd.DataFrame({c: pd.Series(dtype=float) for c in cols})
+    px_um2 = mpp * mpp
+    pos8 = pos.view(np.uint8)
+    # fill small enclosed holes (capillary lumina), never holes touching the image border
+    nb, blab, bstats, _ = cv2.connectedComponentsWithStats(1 - pos8, connectivity=4)
+    x0, y0 = bstats[:, cv2.CC_STAT_LEFT], bstats[:, cv2.CC_STAT_TOP]
+    x1, y1 = x0 + bstats[:, cv2.CC_STAT_WIDTH], y0 + bstats[:, cv2.CC_STAT_HEIGHT]
+    border = (x0 == 0) | (y0 == 0) | (x1 == shape[1]) | (y1 == shape[0])
+    small = (bstats[:, cv2.CC_STAT_AREA] * px_um2 <= max_lumen_um2) & ~border
+    filled = pos | small[blab]
+    n, lab, stats, cents = cv2.connectedComponentsWithStats(filled.view(np.uint8),
+                                                            connectivity=8)
+    area = stats[:, cv2.CC_STAT_AREA].astype(np.int64)
+    cand = (area * px_um2 >= min_area_um2) & (area * px_um2 <= max_area_um2)
+    cand[0] = False
+    if not cand.any():
+        return pd.DataFrame({c: pd.Series(dtype=float) for c in cols})
+    # second moments of the candidates (bincount over their pixels only)
+    yy, xx = np.nonzero(cand[lab])
+    ll = lab[yy, xx]
+    w = np.bincount(ll, minlength=n).astype(float)
+    mx = np.bincount(ll, xx, minlength=n)
+    my = np.bincount(ll, yy, minlength=n)
+    sxx = np.bincount(ll, xx.astype(float) ** 2, minlength=n)
+    syy = np.bincount(ll, yy.astype(float) ** 2, minlength=n)
+    sxy = np.bincount(ll, xx.astype(float) * yy, minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cx, cy = mx / w, my / w
+        vxx = sxx / w - cx ** 2 + 1 / 12
+        vyy = syy / w - cy ** 2 + 1 / 12
+        vxy = sxy / w - cx * cy
+        tr, det = vxx + vyy, vxx * vyy - vxy ** 2
+        disc = np.sqrt(np.maximum(tr ** 2 / 4 - det, 0))
+        l1, l2 = tr / 2 + disc, np.maximum(tr / 2 - disc, 1e-12)
+        elong = np.sqrt(l1 / l2)
+    keep = cand & (elong <= max_elongation)
+    ids = np.flatnonzero(keep)
+    cxs, cys = cents[ids, 0], cents[ids, 1]
+    if own is not None:
+        own = _check_2d(own, shape, "own", np.bool_)
+        xi = np.clip(np.round(cxs).astype(int), 0, shape[1] - 1)
+        yi = np.clip(np.round(cys).astype(int), 0, shape[0] - 1)
+        owned = own[yi, xi]
+        ids, cxs, cys = ids[owned], cxs[owned], cys[owned]
+    lab_pos = lab[pos]
+    stained = np.bincount(lab_pos, minlength=n)
+    odsum = np.bincount(lab_pos, dab[pos], minlength=n)
+    return pd.DataFrame({"x_px": cxs, "y_px": cys, "area_px": area[ids],
+                         "stained_px": stained[ids], "dab_od_sum": odsum[ids],
+                         "elongation": elong[ids]})
+
+
+# ------------------------------------------------------------------------------- contract
+def _params(settings) -> PixelParams:
+    p = getattr(settings, "sections", {}).get("pixels") if settings is not None else None
+    return p if isinstance(p, PixelParams) else PixelParams()
+
+
+def measure(ctx: ImageContext) -> Measurements:
+    """Pixel-scoring half of the engine contract for one image or tile.
+
+    Parameters
+    ----------
+    ctx : biopsyquant.score.ImageContext
+
+    Returns
+    -------
+    Measurements
+        ``counts``: :func:`score_pixels` counts over ``ctx.analysed_own`` (lumina removed),
+        ``lumen_px``, ``positive_capillaries``, ``capillary_stained_px``,
+        ``capillary_od_sum``; ``labels["dab_class"]``: uint8 class image (0–3);
+        ``cells``: the positive capillaries (``x_px, y_px, area_um2, dab_mean_od,
+        kind="capillary"``).
+    """
+    from .score import Measurements
+
+    p = _params(ctx.settings)
+    mpp = float(ctx.size_mpp)
+    analysed = np.asarray(ctx.analysed, bool)
+    own_mask = ctx.analysed_own
+    lumen = None
+    if p.drop_lumina:
+        lumen = lumen_mask(ctx.rgb, background=ctx.stain_model.background, mpp=mpp,
+                           within=analysed, max_total_od=p.lumen_max_total_od,
+                           min_area_um2=p.lumen_min_area_um2)
+    counts, classes = score_pixels(ctx.dab_od, analysed=own_mask, compartments=ctx.compartments,
+                                   params=p, drop=lumen, return_classes=True)
+    counts["lumen_px"] = int(np.count_nonzero(lumen & own_mask)) if lumen is not None else 0
+    comp = np.asarray(ctx.compartments)
+    region = analysed & (comp >= 2)
+    if lumen is not None:
+        region &= ~lumen
+    ves = positive_vessels(ctx.dab_od, region=region, mpp=mpp, own=ctx.own,
+                           threshold_od=p.capillary_od, min_area_um2=p.capillary_min_area_um2,
+                           max_area_um2=p.capillary_max_area_um2,
+                           max_lumen_um2=p.capillary_max_lumen_um2,
+                           max_elongation=p.capillary_max_elongation)
+    counts["positive_capillaries"] = int(len(ves))
+    counts["capillary_stained_px"] = int(ves["stained_px"].sum()) if len(ves) else 0
+    counts["capillary_od_sum"] = float(ves["dab_od_sum"].sum()) if len(ves) else 0.0
+    cells = pd.DataFrame({
+        "x_px": ves["x_px"].to_numpy(float), "y_px": ves["y_px"].to_numpy(float),
+        "area_um2": ves["area_px"].to_numpy(float) * (ctx.mpp ** 2 if ctx.mpp else np.nan),
+        "dab_mean_od": (ves["dab_od_sum"] / ves["stained_px"].clip(lower=1)).to_numpy(float),
+        "kind": np.full(len(ves), "capillary", dtype=object),
+    })
+    return Measurements(cells=cells, counts=counts, labels={"dab_class": classes})
+
+
+def summarize(*, cells: pd.DataFrame, fibers: pd.DataFrame, counts: dict, mpp: float | None,
+              settings, areas_mm2: dict) -> dict:
+    """Slide summary of pixel scoring from whole-slide totals.
+
+    Returns
+    -------
+    dict
+        :func:`pixel_summary` columns, ``lumen_area_mm2``, ``positive_capillaries``,
+        ``positive_capillaries_per_mm2`` (per mm² of analysed tissue; NaN when the pixel size
+        is unknown) and ``capillary_dab_od`` (mean DAB OD of their stained pixels).
+    """
+    out = pixel_summary(counts)
+    px_mm2 = (mpp * 1e-3) ** 2 if mpp else float("nan")
+    n_cap = int(counts.get("positive_capillaries", 0))
+    area = areas_mm2.get("analysed_area_mm2", float("nan"))
+    lumen_mm2 = counts.get("lumen_px", 0) * px_mm2
+    out["lumen_area_mm2"] = lumen_mm2
+    out["positive_capillaries"] = n_cap
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["positive_capillaries_per_mm2"] = (
+            float(n_cap / area) if area and np.isfinite(area) and area > 0 else float("nan"))
+    spx = counts.get("capillary_stained_px", 0)
+    out["capillary_dab_od"] = (float(counts.get("capillary_od_sum", 0.0)) / spx
+                               if spx else float("nan"))
+    return out
