@@ -455,6 +455,18 @@ class _TiffBackend(_Backend):
             else:
                 th, tw = min(int(kf.rowsperstrip or h), h), w
             self.tile_shapes.append((th, tw))
+            if self.format != "ndpi":
+                planes = int(kf.samplesperpixel) if int(kf.planarconfig) == 2 else 1
+                expected = -(-h // th) * -(-w // tw) * planes * max(int(kf.imagedepth), 1)
+                if int(kf.is_tiled) == 0 and int(kf.imagedepth) > 1:
+                    expected = len(kf.dataoffsets)
+                if len(kf.dataoffsets) < expected:
+                    raise SlideError(
+                        path,
+                        f"level {len(self.shapes) - 1} declares {w}x{h} pixels in "
+                        f"{expected:,} {'tiles' if kf.is_tiled else 'strips'} but the file "
+                        f"lists only {len(kf.dataoffsets):,} (corrupt or truncated header)",
+                    )
             if math.prod(chunks) > max_pixels * 4 or th * tw > max_pixels:
                 raise SlideError(
                     path,
