@@ -83,3 +83,36 @@ def test_info_json_with_mpp_override(tmp_path, capsys):
     truth /= np.linalg.norm(truth, axis=1, keepdims=True)
     angles = np.degrees(np.arccos(np.clip((vec * truth).sum(1), -1, 1)))
     assert (angles < 20).all(), angles
+
+
+def test_info_json_reports_errors_per_file(tmp_path, capsys):
+    import imagecodecs
+
+    bad = tmp_path / "empty.svs"
+    bad.write_bytes(b"")
+    good = tmp_path / "ok.png"
+    good.write_bytes(imagecodecs.png_encode(np.full((20, 30, 3), 200, np.uint8)))
+    rc = main(["info", "--json", "--no-analysis", str(bad), str(good)])
+    out, _ = capsys.readouterr()
+    assert rc == 1
+    res = json.loads(out)
+    assert res[0]["path"] == str(bad) and "empty" in res[0]["error"]
+    assert res[1]["format"] == "png" and res[1]["shape"] == [20, 30]
+    assert "background" not in res[1]
+
+
+def test_info_rejects_bad_mpp(tmp_path, capsys):
+    p = tmp_path / "x.png"
+    p.write_bytes(b"\x89PNG\r\n\x1a\n")
+    rc = main(["info", "--mpp", "-1", str(p)])
+    _, err = capsys.readouterr()
+    assert rc == 2 and "--mpp must be a positive" in err
+
+
+def test_info_not_an_image(tmp_path, capsys):
+    p = tmp_path / "notes.txt"
+    p.write_text("hello")
+    rc = main(["info", str(p)])
+    out, err = capsys.readouterr()
+    assert rc == 1 and out == ""
+    assert "notes.txt" in err and "not a TIFF, PNG or JPEG" in err
