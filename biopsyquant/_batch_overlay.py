@@ -1,0 +1,203 @@
+"""QC overlay pictures of a scored slide (``overlays/<slide>.png``).
+
+Drawn on the downsampled overview that :func:`biopsyquant.wsi.score_slide` keeps (longest side
+about 2,000 px): the tissue outline, excluded regions hatched, fiber outlines (coloured by
+MHC-I grade for MHC-I), cells as dots coloured by their DAB grade, positive capillaries as
+rings, and for pixel scoring the pixels tinted by DAB class. A side panel names the slide,
+the marker, the key numbers, the colour legend and a scale bar.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ._atomic import atomic_write
+
+#: colours (RGB 0-255) of DAB grades 0 (negative) .. 3 (3+)
+GRADE_COLOURS = {0: (40, 90, 230), 1: (250, 220, 30), 2: (255, 140, 0), 3: (220, 20, 20)}
+TINT = {1: (255, 235, 0), 2: (255, 140, 0), 3: (230, 0, 0)}
+FIBER_PLAIN = (0, 200, 220)
+FIBER_UNSCORED = (150, 150, 150)
+CAPILLARY = (230, 0, 230)
+TISSUE_LINE = (0, 120, 0)
+KEY_NUMBERS = ("tissue_area_mm2", "analysed_area_mm2", "n_fibers", "cells_positive",
+               "cells_per_mm2", "cells_per_100_fibers", "fibers_positive_pct", "mhc_grade_0_5",
+               "mhc_pattern", "positive_area_pct", "h_score", "dab_mean_od",
+               "positive_area_pct_fibers", "positive_area_pct_interstitium",
+               "positive_capillaries")
+
+
+def _edges(mask: np.ndarray) -> np.ndarray:
+    e = np.zeros(mask.shape, bool)
+    e[:-1] |= mask[:-1] != mask[1:]
+    e[1:] |= mask[:-1] != mask[1:]
+    e[:, :-1] |= mask[:, :-1] != mask[:, 1:]
+    e[:, 1:] |= mask[:, :-1] != mask[:, 1:]
+    return e
+
+
+def draw_overlay(result) -> np.ndarray:
+    """Overview RGB (uint8, (h, w, 3)) with the detections of ``result`` drawn on it."""
+    import cv2
+
+    labels = result.labels
+    rgb = labels.get("overview_rgb")
+    if rgb is None:
+        raise ValueError("result has no overview image (score it with biopsyquant.wsi)")
+    img = rgb.astype(np.float32).copy()
+    h, w = img.shape[:2]
+    ds = float(result.provenance.get("overview_downsample", 1.0))
+    dab = labels.get("overview_dab_class")
+    if dab is not None and result.settings.analysis == "pixels":
+        for cls, col in TINT.items():
+            m = dab == cls
+            img[m] = 0.45 * img[m] + 0.55 * np.asarray(col, np.float32)
+    img = img.clip(0, 255).astype(np.uint8)
+    tissue = labels.get("overview_tissue")
+    if tissue is not None:
+        img[_edges(tissue.astype(bool)) & ~tissue.astype(bool)] = TISSUE_LINE
+    excl = labels.get("overview_excluded")
+    if excl is not None and excl.any():
+        yy, xx = np.mgrid[0:h, 0:w]
+        hatch = excl & (((xx + yy) % 10) < 2)
+        img[hatch] = (30, 30, 30)
+        img[_edges(excl) & excl] = (0, 0, 0)
+    code = labels.get("overview_fiber_code")
+    edge = labels.get("overview_fiber_edge")
+    if code is not None and edge is not None:
+        if result.settings.analysis == "mhc":
+            for c in np.unique(code[edge]):
+                if c == 0:
+                    continue
+                col = FIBER_UNSCORED if c == 1 else GRADE_COLOURS.get(int(c) - 2, FIBER_PLAIN)
+                img[edge & (code == c)] = col
+        else:
+            img[edge] = FIBER_PLAIN
+    cells = result.cells
+    if len(cells) and {"x_px", "y_px"} <= set(cells.columns):
+        r = max(2, int(round(min(h, w) / 400)))
+        xs = cells["x_px"].to_numpy(float) / ds
+        ys = cells["y_px"].to_numpy(float) / ds
+        kind = cells["kind"].astype(str).to_numpy() if "kind" in cells.columns else None
+        grade = (pd.to_numeric(cells["grade"], errors="coerce").fillna(0).astype(int).to_numpy()
+                 if "grade" in cells.columns else None)
+        for i in range(len(cells)):
+            if not (math.isfinite(xs[i]) and math.isfinite(ys[i])):
+                continue
+            c = (int(round(xs[i] - 0.5)), int(round(ys[i] - 0.5)))
+            if kind is not None and kind[i] == "capillary":
+                cv2.circle(img, c, r + 2, CAPILLARY, 1, lineType=cv2.LINE_AA)
+            else:
+                g = int(grade[i]) if grade is not None else 1
+                col = GRADE_COLOURS.get(g, GRADE_COLOURS[3])
+                if g == 0:  # negative: a ring, so the nucleus stays visible
+                    cv2.circle(img, c, r + 1, col, 1, lineType=cv2.LINE_AA)
+                else:
+                    cv2.circle(img, c, r + 1, (0, 0, 0), -1, lineType=cv2.LINE_AA)
+                    cv2.circle(img, c, r, col, -1, lineType=cv2.LINE_AA)
+    return img
+
+
+def _legend(result) -> list[tuple[tuple[int, int, int], str, str]]:
+    items = [(TISSUE_LINE, "line", "tissue outline"), ((30, 30, 30), "hatch", "excluded")]
+    a = result.settings.analysis
+    if a == "mhc":
+        items += [(GRADE_COLOURS[0], "line", "fiber MHC-I negative"),
+                  (GRADE_COLOURS[1], "line", "fiber MHC-I 1+"),
+                  (GRADE_COLOURS[2], "line", "fiber MHC-I 2+"),
+                  (GRADE_COLOURS[3], "line", "fiber MHC-I 3+"),
+                  (FIBER_UNSCORED, "line", "fiber not scored"),
+                  (CAPILLARY, "ring", "positive capillary")]
+    else:
+        if result.settings.scoring.segment_fibers:
+            items.append((FIBER_PLAIN, "line", "fiber outline"))
+        if a == "cells":
+            items += [(GRADE_COLOURS[0], "ring", "cell negative"),
+                      (GRADE_COLOURS[1], "dot", "cell 1+"),
+                      (GRADE_COLOURS[2], "dot", "cell 2+"),
+                      (GRADE_COLOURS[3], "dot", "cell 3+")]
+        else:
+            items += [(TINT[1], "patch", "DAB weak (1+)"), (TINT[2], "patch", "DAB moderate (2+)"),
+                      (TINT[3], "patch", "DAB strong (3+)"),
+                      (CAPILLARY, "ring", "positive capillary")]
+    return items
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "n/a"
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def render_overlay(result, path: str | Path, *, fields: dict | None = None
+                   ) -> Path:
+    """Write the QC picture of ``result`` to ``path`` (PNG, atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    img = draw_overlay(result)
+    h, w = img.shape[:2]
+    dpi = 100
+    panel = 330
+    fig = Figure(figsize=((w + panel) / dpi, max(h, 520) / dpi), dpi=dpi)
+    H = max(h, 520)
+    ax = fig.add_axes((0, 1 - h / H, w / (w + panel), h / H))
+    ax.imshow(img, interpolation="nearest")
+    ax.set_axis_off()
+    mpp = result.mpp
+    ds = float(result.provenance.get("overview_downsample", 1.0))
+    if mpp:  # scale bar: a round length near 1/5 of the width
+        target = w * ds * mpp / 5
+        bar_um = 10 ** math.floor(math.log10(target))
+        for m in (5, 2, 1):
+            if m * bar_um <= target:
+                bar_um *= m
+                break
+        bar_px = bar_um / (mpp * ds)
+        x0, y0 = w * 0.03, h * 0.96
+        ax.plot([x0, x0 + bar_px], [y0, y0], color="black", lw=4, solid_capstyle="butt")
+        label = f"{bar_um / 1000:g} mm" if bar_um >= 1000 else f"{bar_um:g} µm"
+        ax.text(x0 + bar_px / 2, y0 - h * 0.015, label, ha="center", va="bottom", fontsize=10,
+                color="black", bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none"})
+    tx = fig.add_axes((w / (w + panel), 0, panel / (w + panel), 1))
+    tx.set_axis_off()
+    lines = [f"{result.name}", f"marker: {result.marker}"]
+    for k in ("patient", "timepoint"):
+        if fields and fields.get(k):
+            lines.append(f"{k}: {fields[k]}")
+    lines.append(f"mpp: {_fmt(mpp) if mpp else 'unknown'} µm/px ({result.mpp_source})")
+    for k in KEY_NUMBERS:
+        if k in result.summary:
+            lines.append(f"{k}: {_fmt(result.summary[k])}")
+    lines.append(f"overview 1:{ds:.3g}")
+    tx.text(0.04, 0.99, "\n".join(lines), va="top", ha="left", fontsize=9, family="monospace",
+            transform=tx.transAxes)
+    handles = []
+    for col, kind, text in _legend(result):
+        c = tuple(v / 255 for v in col)
+        if kind == "line":
+            handles.append(Line2D([], [], color=c, lw=2.5, label=text))
+        elif kind == "dot":
+            handles.append(Line2D([], [], color=c, marker="o", ls="", ms=7, label=text))
+        elif kind == "ring":
+            handles.append(Line2D([], [], color=c, marker="o", mfc="none", ls="", ms=8,
+                                  label=text))
+        elif kind == "hatch":
+            handles.append(Patch(facecolor="white", edgecolor=c, hatch="///", label=text))
+        else:
+            handles.append(Patch(facecolor=c, edgecolor="none", label=text))
+    tx.legend(handles=handles, loc="lower left", fontsize=9, frameon=False,
+              bbox_to_anchor=(0.0, 0.0))
+    path = Path(path)
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=dpi))
+    return path

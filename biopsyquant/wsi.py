@@ -1,0 +1,813 @@
+"""Whole-slide scoring in tiles with bounded memory and seam-safe counting.
+
+A slide larger than ``settings.tiling.max_whole_image_px`` is never read whole. Instead:
+
+1. **One model per slide.** A low-resolution image (the pyramid level nearest to
+   ``thumbnail_px`` on its longest side, see :meth:`Slide.thumbnail`) gives the background
+   (glass) intensity, the stain vectors and the tissue mask. Every tile uses this one stain
+   model, and the tissue mask of a tile is the thumbnail mask sampled at the tile's pixels, so
+   neither depends on where the tiles fall.
+2. **Tiles with overlap.** Level 0 is cut into cores of ``tiling.tile_size_px`` pixels; each
+   tile is read with ``tiling.overlap_um`` of context on every side (clipped at the slide
+   edge) through :meth:`Slide.read_region`, so memory is bounded by the tile size.
+3. **Ownership.** Pixel counts are taken over the core only (``own``), and an object (cell,
+   fiber) is kept by the tile whose core holds its centroid. The overlap exceeds the largest
+   object, so each object is measured whole, once.
+4. **One summary.** :func:`biopsyquant.score.summarize` runs once over the concatenated
+   object tables and the summed counts, exactly as :func:`~biopsyquant.score.score_image`
+   does for a whole image.
+
+Tile work is described by small picklable :class:`TileTask` objects and done by
+:func:`measure_tile`, which opens the slide file itself when run in another process (local
+workers or dask.distributed), so workers must see the slide at the same path.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import __version__
+from .errors import InputError, SlideError
+from .settings import Settings
+from .stains import StainModel
+
+__all__ = [
+    "Tile",
+    "TileTask",
+    "TileResult",
+    "SlidePlan",
+    "plan_tiles",
+    "prepare_slide",
+    "tile_tasks",
+    "measure_tile",
+    "merge_tiles",
+    "score_slide",
+    "needs_tiling",
+    "THUMBNAIL_PX",
+    "OVERVIEW_PX",
+]
+
+#: longest side (px) of the low-resolution image used for background, stains and tissue
+THUMBNAIL_PX = 4096
+#: longest side (px) of the overview rasters kept for QC pictures
+OVERVIEW_PX = 2000
+
+
+# --------------------------------------------------------------------------------------
+# geometry
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile of a slide, in level-0 pixel coordinates (half-open boxes ``x0, y0, x1, y1``).
+
+    Attributes
+    ----------
+    index : int
+        Position in the tile list (row-major).
+    core : tuple of int
+        The pixels this tile owns.
+    read : tuple of int
+        The region read: the core plus the overlap, clipped to the slide.
+    """
+
+    index: int
+    core: tuple[int, int, int, int]
+    read: tuple[int, int, int, int]
+
+    @property
+    def read_shape(self) -> tuple[int, int]:
+        """(rows, columns) of the region read."""
+        return (self.read[3] - self.read[1], self.read[2] - self.read[0])
+
+
+def plan_tiles(shape: tuple[int, int], *, tile_size: int, overlap: int) -> list[Tile]:
+    """Cut an image of ``shape`` (rows, columns) into tiles.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Level-0 (height, width) in pixels.
+    tile_size : int
+        Edge of a tile's core in pixels (the last row/column of tiles may be smaller).
+    overlap : int
+        Context in pixels added on every side of the core (clipped at the image edge).
+
+    Returns
+    -------
+    list of Tile
+        Cores partition the image exactly (every pixel is owned by one tile).
+
+    Notes
+    -----
+    Odd ``tile_size`` and ``overlap`` are rounded up to even numbers, so every tile origin is
+    even: the engine rounds centroids half-to-even (``np.round``) in tile coordinates, and an
+    even origin makes that rounding the same in every tile, so an object sitting exactly on a
+    core boundary is owned by exactly one tile.
+    """
+    h, w = int(shape[0]), int(shape[1])
+    if h <= 0 or w <= 0:
+        raise InputError(f"cannot tile an empty image of shape {shape}")
+    if tile_size < 1:
+        raise InputError(f"tile size must be at least 1 pixel, got {tile_size}")
+    tile_size = int(tile_size) + int(tile_size) % 2
+    overlap = max(0, int(overlap))
+    overlap += overlap % 2
+    tiles = []
+    for y0 in range(0, h, tile_size):
+        for x0 in range(0, w, tile_size):
+            x1, y1 = min(x0 + tile_size, w), min(y0 + tile_size, h)
+            read = (max(0, x0 - overlap), max(0, y0 - overlap),
+                    min(w, x1 + overlap), min(h, y1 + overlap))
+            tiles.append(Tile(len(tiles), (x0, y0, x1, y1), read))
+    return tiles
+
+
+def overlap_px(settings: Settings, mpp: float | None) -> int:
+    """Tile overlap in level-0 pixels: ``tiling.overlap_um`` at the (sizing) pixel size."""
+    size_mpp = float(mpp) if mpp else float(settings.tiling.assumed_mpp_unknown)
+    px = int(math.ceil(settings.tiling.overlap_um / size_mpp))
+    return px + (px % 2)  # even: see plan_tiles
+
+
+def needs_tiling(shape: tuple[int, int], settings: Settings) -> bool:
+    """True when an image of ``shape`` exceeds ``tiling.max_whole_image_px``."""
+    return int(shape[0]) * int(shape[1]) > int(settings.tiling.max_whole_image_px)
+
+
+def _sample_index(start: int, stop: int, scale: float, n: int) -> np.ndarray:
+    """Low-resolution index of level-0 pixels ``start..stop-1`` (nearest, clipped)."""
+    idx = (np.arange(start, stop, dtype=np.float64) + 0.5) / scale
+    return np.clip(idx.astype(np.int64), 0, n - 1)
+
+
+def _overview_index(start: int, stop: int, ds: float) -> np.ndarray:
+    """Overview pixels whose sample point ``floor((j + 0.5) * ds)`` lies in ``[start, stop)``."""
+    lo = max(0, int(math.floor(start / ds - 0.5)) - 1)
+    hi = int(math.ceil(stop / ds)) + 1
+    j = np.arange(lo, hi, dtype=np.int64)
+    s = np.floor((j + 0.5) * ds).astype(np.int64)
+    return j[(s >= start) & (s < stop)]
+
+
+# --------------------------------------------------------------------------------------
+# plan, tasks and results
+
+
+@dataclass
+class SlidePlan:
+    """Everything fixed per slide before tiles are measured (small; lives in the driver).
+
+    Attributes
+    ----------
+    name, path : str
+    shape : tuple of int
+        Level-0 (rows, columns).
+    mpp : float or None
+        Pixel size used (None = unknown); ``mpp_source`` says where it came from.
+    settings : Settings
+    stain_model : StainModel
+        Estimated once per slide from ``thumbnail``.
+    tissue_lowres : ndarray of bool
+        Tissue mask of the thumbnail; ``lowres_scale`` = (row, column) level-0 px per thumbnail px.
+    exclusions : list of (N, 2) arrays
+        Exclusion polygons in level-0 x, y.
+    tiles : list of Tile
+    overview_ds : float
+        Level-0 px per overview px; ``overview_rgb`` is the slide at that scale.
+    """
+
+    name: str
+    path: str | None
+    shape: tuple[int, int]
+    mpp: float | None
+    mpp_source: str
+    settings: Settings
+    stain_model: StainModel
+    tissue_lowres: np.ndarray
+    lowres_scale: tuple[float, float]
+    exclusions: list
+    tiles: list[Tile]
+    tiled: bool
+    overview_ds: float
+    overview_rgb: np.ndarray
+    warnings: list[str] = field(default_factory=list)
+    seconds_prepare: float = 0.0
+    fmt: str = ""
+    levels: int = 1
+
+    @property
+    def overview_shape(self) -> tuple[int, int]:
+        return self.overview_rgb.shape[:2]
+
+
+@dataclass
+class TileTask:
+    """Picklable description of one tile's work (sent to worker processes)."""
+
+    path: str | None
+    mpp_override: float | None
+    mpp: float | None
+    settings: Settings
+    stain_model: dict
+    tile: Tile
+    tissue_crop: np.ndarray
+    tissue_crop_origin: tuple[int, int]          # (row, col) of the crop in the thumbnail
+    lowres_scale: tuple[float, float]
+    lowres_shape: tuple[int, int]
+    exclusions: list
+    whole: bool
+    overview_ds: float
+    fiber_class_column: str | None = None
+
+
+@dataclass
+class TileResult:
+    """Objects and counts owned by one tile, plus its piece of the overview rasters."""
+
+    index: int
+    cells: pd.DataFrame
+    fibers: pd.DataFrame
+    counts: dict
+    overview: dict               # name -> (rows idx, cols idx, array)
+    warnings: list[str]
+    seconds: float
+    pixels: int
+
+
+def _polys_in_box(polys: list, box: tuple[int, int, int, int]) -> list:
+    x0, y0, x1, y1 = box
+    out = []
+    for p in polys:
+        p = np.asarray(p, float)
+        if len(p) and p[:, 0].max() >= x0 and p[:, 0].min() < x1 and \
+                p[:, 1].max() >= y0 and p[:, 1].min() < y1:
+            out.append(p)
+    return out
+
+
+def _load_exclusions(exclusions) -> list:
+    if exclusions is None:
+        return []
+    if isinstance(exclusions, str | Path):
+        from .tissue import load_exclusions
+
+        return [np.asarray(p, float) for p in load_exclusions(exclusions)]
+    if isinstance(exclusions, np.ndarray) and exclusions.dtype == bool:
+        raise InputError("whole-slide scoring takes exclusions as polygons or a GeoJSON path, "
+                         "not a pixel mask")
+    return [np.asarray(p, float) for p in exclusions]
+
+
+def prepare_slide(
+    slide,
+    *,
+    settings: Settings,
+    stain_model: StainModel | None = None,
+    exclusions=None,
+    name: str | None = None,
+    tile_size: int | None = None,
+    tiled: bool | None = None,
+    thumbnail_px: int = THUMBNAIL_PX,
+    overview_px: int = OVERVIEW_PX,
+) -> SlidePlan:
+    """Stain model, background, tissue mask and tile plan of one slide (thumbnail only).
+
+    Parameters
+    ----------
+    slide : Slide
+        An open slide (:func:`biopsyquant.slide.open_slide`).
+    settings : Settings
+    stain_model : StainModel, optional
+        Fixed model; default: estimated from the thumbnail as ``score_image`` would.
+    exclusions : list of (N, 2) arrays or GeoJSON path, optional
+        Regions to exclude, level-0 x, y.
+    name : str, optional
+        Slide name (default: file stem).
+    tile_size : int, optional
+        Core edge in pixels (default ``settings.tiling.tile_size_px``).
+    tiled : bool, optional
+        Force tiling on/off; default: tile when the slide exceeds
+        ``settings.tiling.max_whole_image_px``.
+    thumbnail_px, overview_px : int
+        Longest side of the low-resolution analysis image and of the QC overview.
+
+    Returns
+    -------
+    SlidePlan
+    """
+    from .score import prepare_stain_model
+    from .tissue import detect_tissue
+
+    t0 = time.perf_counter()
+    shape = tuple(int(s) for s in slide.shape[:2])
+    path = str(slide.path) if getattr(slide, "path", None) else None
+    name = name or (Path(path).stem if path else "slide")
+    mpp = slide.mpp
+    warn_list: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        thumb, _ds = slide.thumbnail(max_size=thumbnail_px)
+        thumb = np.ascontiguousarray(thumb[..., :3])
+        scale = (shape[0] / thumb.shape[0], shape[1] / thumb.shape[1])
+        size_mpp = float(mpp) if mpp else float(settings.tiling.assumed_mpp_unknown)
+        model = prepare_stain_model(thumb, settings, stain_model=stain_model)
+        tissue = detect_tissue(thumb, mpp=size_mpp * float(np.sqrt(scale[0] * scale[1])),
+                               background=model.background, params=settings.tissue)
+    for w in caught:
+        if str(w.message) not in warn_list:
+            warn_list.append(str(w.message))
+    if mpp is None:
+        warn_list.append(
+            f"{name}: pixel size unknown; object sizes assumed at "
+            f"{settings.tiling.assumed_mpp_unknown} µm/px and every µm / mm² / per-mm² value is "
+            "missing (give --mpp to fix)")
+    if tiled is None:
+        tiled = needs_tiling(shape, settings)
+    size = int(tile_size or settings.tiling.tile_size_px)
+    if tiled:
+        tiles = plan_tiles(shape, tile_size=size, overlap=overlap_px(settings, mpp))
+    else:
+        full = (0, 0, shape[1], shape[0])
+        tiles = [Tile(0, full, full)]
+    ods = max(1.0, max(shape) / float(overview_px))
+    oshape = (max(1, int(round(shape[0] / ods))), max(1, int(round(shape[1] / ods))))
+    import cv2
+
+    overview = cv2.resize(thumb, (oshape[1], oshape[0]),
+                          interpolation=cv2.INTER_AREA if oshape[0] < thumb.shape[0]
+                          else cv2.INTER_LINEAR)
+    return SlidePlan(
+        name=name, path=path, shape=shape,
+        mpp=mpp, mpp_source=slide.mpp_source, settings=settings, stain_model=model,
+        tissue_lowres=np.asarray(tissue, bool), lowres_scale=scale,
+        exclusions=_load_exclusions(exclusions), tiles=tiles, tiled=bool(tiled),
+        overview_ds=float(ods), overview_rgb=overview, warnings=warn_list,
+        seconds_prepare=time.perf_counter() - t0, fmt=str(getattr(slide, "format", "")),
+        levels=len(getattr(slide, "levels", [None])))
+
+
+def tile_tasks(plan: SlidePlan, *, mpp_override: float | None = None) -> list[TileTask]:
+    """One :class:`TileTask` per tile of ``plan`` (each carries only its crop of the tissue)."""
+    sy, sx = plan.lowres_scale
+    lh, lw = plan.tissue_lowres.shape
+    model = plan.stain_model.to_dict()
+    model["vectors"] = [list(map(float, r)) for r in plan.stain_model.vectors]
+    model["background"] = list(plan.stain_model.background)
+    fiber_class = _fiber_class_column(plan.settings)
+    tasks = []
+    for t in plan.tiles:
+        x0, y0, x1, y1 = t.read
+        r0 = int(_sample_index(y0, y0 + 1, sy, lh)[0])
+        r1 = int(_sample_index(y1 - 1, y1, sy, lh)[0]) + 1
+        c0 = int(_sample_index(x0, x0 + 1, sx, lw)[0])
+        c1 = int(_sample_index(x1 - 1, x1, sx, lw)[0]) + 1
+        tasks.append(TileTask(
+            path=plan.path, mpp_override=mpp_override, mpp=plan.mpp, settings=plan.settings, stain_model=model,
+            tile=t, tissue_crop=np.ascontiguousarray(plan.tissue_lowres[r0:r1, c0:c1]),
+            tissue_crop_origin=(r0, c0), lowres_scale=plan.lowres_scale,
+            lowres_shape=(lh, lw), exclusions=_polys_in_box(plan.exclusions, t.read),
+            whole=not plan.tiled, overview_ds=plan.overview_ds, fiber_class_column=fiber_class))
+    return tasks
+
+
+def _fiber_class_column(settings: Settings) -> str | None:
+    return "mhc_grade" if settings.analysis == "mhc" else None
+
+
+# --------------------------------------------------------------------------------------
+# tile measurement (runs in workers)
+
+_SLIDES: OrderedDict[tuple, Any] = OrderedDict()
+
+
+def _open_cached(path: str, mpp_override: float | None):
+    """Open a slide once per process (small LRU), for worker processes."""
+    from .slide import open_slide
+
+    key = (path, mpp_override, os.getpid())
+    slide = _SLIDES.get(key)
+    if slide is None:
+        slide = open_slide(path, mpp=mpp_override)
+        _SLIDES[key] = slide
+        while len(_SLIDES) > 4:
+            _, old = _SLIDES.popitem(last=False)
+            close = getattr(old, "close", None)
+            if close:
+                try:
+                    close()
+                except Exception:  # noqa: BLE001 - best effort
+                    pass
+    else:
+        _SLIDES.move_to_end(key)
+    return slide
+
+
+def _shift_coordinates(df: pd.DataFrame, origin: tuple[int, int], mpp: float | None
+                       ) -> pd.DataFrame:
+    """Move image-coordinate columns (``*x_px``, ``*y_px``, ``*x_um``, ``*y_um``) to level 0."""
+    if not len(df.columns):
+        return df
+    ox, oy = origin
+    df = df.copy()
+    for col in df.columns:
+        c = str(col)
+        if c.endswith("x_px") and not c.endswith("_dx_px"):
+            df[col] = df[col] + ox
+        elif c.endswith("y_px") and not c.endswith("_dy_px"):
+            df[col] = df[col] + oy
+        elif mpp and c.endswith("x_um") and c[:-2] + "px" not in df.columns:
+            df[col] = df[col] + ox * mpp
+        elif mpp and c.endswith("y_um") and c[:-2] + "px" not in df.columns:
+            df[col] = df[col] + oy * mpp
+    for axis in ("x", "y"):  # recompute µm positions from level-0 px
+        for col in list(df.columns):
+            c = str(col)
+            if c.endswith(f"{axis}_px") and c[:-2] + "um" in df.columns:
+                df[c[:-2] + "um"] = df[col] * mpp if mpp else np.nan
+    return df
+
+
+def _centroid_columns(df: pd.DataFrame) -> tuple[str, str] | None:
+    for cx, cy in (("x_px", "y_px"), ("centroid_x_px", "centroid_y_px")):
+        if cx in df.columns and cy in df.columns:
+            return cx, cy
+    return None
+
+
+def _owned_mask(df: pd.DataFrame, core: tuple[int, int, int, int], origin: tuple[int, int],
+                what: str) -> np.ndarray:
+    """Rows whose centroid pixel (``np.round`` of the tile coordinates) lies in ``core``."""
+    if not len(df):
+        return np.zeros(0, bool)
+    cols = _centroid_columns(df)
+    if cols is None:
+        raise InputError(f"{what} table has no centroid columns (x_px, y_px); cannot tile")
+    x = np.round(df[cols[0]].to_numpy(float)) + origin[0]
+    y = np.round(df[cols[1]].to_numpy(float)) + origin[1]
+    x0, y0, x1, y1 = core
+    return (x >= x0) & (x < x1) & (y >= y0) & (y < y1)
+
+
+def _overview_pieces(task: TileTask, labels: dict, fibers: pd.DataFrame) -> dict:
+    """Sample the tile's label images at the overview grid over its core."""
+    ds = task.overview_ds
+    x0, y0, x1, y1 = task.tile.core
+    rx0, ry0, rx1, ry1 = task.tile.read
+    rows = _overview_index(y0, y1, ds)
+    cols = _overview_index(x0, x1, ds)
+    if not len(rows) or not len(cols):
+        return {}
+    # sample the read region at the overview grid (one extra pixel around for edges)
+    rows_r = _overview_index(ry0, ry1, ds)
+    cols_r = _overview_index(rx0, rx1, ds)
+    sy = np.floor((rows_r + 0.5) * ds).astype(np.int64) - ry0
+    sx = np.floor((cols_r + 0.5) * ds).astype(np.int64) - rx0
+    ir = np.searchsorted(rows_r, rows)
+    ic = np.searchsorted(cols_r, cols)
+    out: dict[str, Any] = {}
+    lab = labels.get("fibers")
+    if lab is not None:
+        samp = lab[np.ix_(sy, sx)]
+        edge = np.zeros(samp.shape, bool)
+        edge[:-1] |= samp[:-1] != samp[1:]
+        edge[1:] |= samp[:-1] != samp[1:]
+        edge[:, :-1] |= samp[:, :-1] != samp[:, 1:]
+        edge[:, 1:] |= samp[:, :-1] != samp[:, 1:]
+        edge &= samp > 0
+        code = (samp > 0).astype(np.uint8)
+        col = task.fiber_class_column
+        if col and col in fibers.columns and "fiber_id" in fibers.columns and len(fibers):
+            lut = np.zeros(int(max(lab.max(), fibers["fiber_id"].max())) + 1, np.uint8)
+            vals = pd.to_numeric(fibers[col], errors="coerce").fillna(-1).to_numpy()
+            ids = fibers["fiber_id"].to_numpy(np.int64)
+            lut[ids] = np.clip(vals + 2, 1, 250).astype(np.uint8)  # 1 = fiber, no class
+            lut[0] = 0
+            code = lut[samp]
+        out["fiber_code"] = (rows, cols, code[np.ix_(ir, ic)])
+        out["fiber_edge"] = (rows, cols, edge[np.ix_(ir, ic)])
+    for key in ("dab_class", "tissue", "excluded"):
+        arr = labels.get(key)
+        if arr is not None and arr.shape == task.tile.read_shape:
+            out[key] = (rows, cols, np.asarray(arr)[np.ix_(sy[ir], sx[ic])])
+    return out
+
+
+def measure_tile(task: TileTask, *, slide=None) -> TileResult:
+    """Measure one tile: read, score with the slide's model, keep what the core owns.
+
+    Parameters
+    ----------
+    task : TileTask
+    slide : Slide, optional
+        Open slide (default: opened from ``task.path`` once per process).
+
+    Returns
+    -------
+    TileResult
+        Cells and fibers whose centroid lies in the core (level-0 coordinates), additive
+        counts over the core's pixels, and overview raster pieces.
+    """
+    from .score import measure_image
+
+    t0 = time.perf_counter()
+    if slide is None:
+        if task.path is None:
+            raise InputError("a tile task without a slide path needs an open slide")
+        slide = _open_cached(task.path, task.mpp_override)
+    x0, y0, x1, y1 = task.tile.read
+    h, w = y1 - y0, x1 - x0
+    try:
+        rgb = slide.read_region(x0, y0, w, h, level=0)
+    except SlideError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - decoder errors of every kind
+        raise SlideError(task.path or "slide",
+                         f"cannot read region x={x0} y={y0} {w}x{h}: "
+                         f"{type(exc).__name__}: {exc}") from None
+    rgb = np.ascontiguousarray(np.asarray(rgb)[..., :3])
+    sy, sx = task.lowres_scale
+    lh, lw = task.lowres_shape
+    r0, c0 = task.tissue_crop_origin
+    ri = _sample_index(y0, y1, sy, lh) - r0
+    ci = _sample_index(x0, x1, sx, lw) - c0
+    tissue = task.tissue_crop[np.ix_(ri, ci)]
+    model = StainModel.from_dict(task.stain_model)
+    cx0, cy0, cx1, cy1 = task.tile.core
+    if task.whole:
+        own = None
+    else:
+        own = np.zeros((h, w), bool)
+        own[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = True
+    warn_list: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _ctx, meas, fibers, base = measure_image(
+            rgb, settings=task.settings, stain_model=model, mpp=task.mpp,
+            exclusions=task.exclusions or None, tissue=tissue, own=own, origin=(x0, y0),
+            keep_labels=True)
+    for wmsg in caught:
+        if str(wmsg.message) not in warn_list:
+            warn_list.append(str(wmsg.message))
+    overview = _overview_pieces(task, meas.labels, fibers)
+    cells = meas.cells if meas.cells is not None else pd.DataFrame()
+    if not task.whole:
+        cells = cells.loc[_owned_mask(cells, task.tile.core, (x0, y0), "cell")]
+        keep = _owned_mask(fibers, task.tile.core, (x0, y0), "fiber")
+        if len(cells) and "fiber_id" in cells.columns and "fiber_id" in fibers.columns:
+            # a cell next to a fiber owned by a neighbouring tile: remember where that fiber
+            # is (level-0 centroid) so the merge can find its slide-wide id
+            foreign = fibers.loc[~keep, ["fiber_id", "x_px", "y_px"]].set_index("fiber_id")
+            fid = pd.to_numeric(cells["fiber_id"], errors="coerce")
+            cells = cells.copy()
+            cells["_fiber_x"] = fid.map(foreign["x_px"]) + x0
+            cells["_fiber_y"] = fid.map(foreign["y_px"]) + y0
+        fibers = fibers.loc[keep]
+    cells = _shift_coordinates(cells.reset_index(drop=True), (x0, y0), task.mpp)
+    fibers = _shift_coordinates(fibers.reset_index(drop=True), (x0, y0), task.mpp)
+    counts = {**base, **meas.counts}
+    return TileResult(index=task.tile.index, cells=cells, fibers=fibers, counts=counts,
+                      overview=overview, warnings=warn_list,
+                      seconds=time.perf_counter() - t0, pixels=h * w)
+
+
+# --------------------------------------------------------------------------------------
+# merge
+
+
+def _add_counts(total: dict, counts: dict) -> None:
+    for k, v in counts.items():
+        if k in total:
+            total[k] = total[k] + (np.asarray(v) if isinstance(v, list | tuple) else v)
+        else:
+            total[k] = np.asarray(v).copy() if isinstance(v, list | tuple | np.ndarray) else v
+
+
+def _renumber(results: list[TileResult], tolerance_px: float
+              ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Concatenate tile tables with slide-wide ids.
+
+    Fiber ids become 1..N in tile order and cells follow their fiber: to the fiber's new id
+    when the same tile owns it, else to the owned fiber whose centroid lies within
+    ``tolerance_px`` of where this tile saw it (0 = none found). ``cell_id`` becomes 1..M.
+    """
+    fib_parts, cell_parts = [], []
+    offset = 0
+    for r in results:
+        f, c = r.fibers, r.cells
+        if "fiber_id" in f.columns and len(f):
+            old = f["fiber_id"].to_numpy(np.int64)
+            mapping = pd.Series(np.arange(offset + 1, offset + 1 + len(f)), index=old)
+            f = f.copy()
+            f["fiber_id"] = mapping.to_numpy()
+            offset += len(f)
+        else:
+            mapping = pd.Series(dtype=np.int64)
+        if "fiber_id" in c.columns and len(c):
+            c = c.copy()
+            ids = pd.to_numeric(c["fiber_id"], errors="coerce").fillna(0).astype(np.int64)
+            new = ids.map(mapping)
+            new[ids <= 0] = 0
+            c["fiber_id"] = new.fillna(-1).astype(np.int64)  # -1: resolved below
+        if len(f):
+            fib_parts.append(f)
+        if len(c):
+            cell_parts.append(c)
+    fibers = pd.concat(fib_parts, ignore_index=True) if fib_parts else (
+        results[0].fibers.iloc[:0] if results else pd.DataFrame())
+    cells = pd.concat(cell_parts, ignore_index=True) if cell_parts else (
+        results[0].cells.iloc[:0] if results else pd.DataFrame())
+    if "fiber_id" in cells.columns and len(cells):
+        todo = (cells["fiber_id"] < 0).to_numpy()
+        if todo.any():
+            ids = np.zeros(int(todo.sum()), np.int64)
+            if len(fibers) and "_fiber_x" in cells.columns:
+                from scipy.spatial import cKDTree
+
+                tree = cKDTree(fibers[["x_px", "y_px"]].to_numpy(float))
+                pts = cells.loc[todo, ["_fiber_x", "_fiber_y"]].to_numpy(float)
+                ok = np.isfinite(pts).all(axis=1)
+                if ok.any():
+                    d, j = tree.query(pts[ok])
+                    found = d <= tolerance_px
+                    sub = np.zeros(int(ok.sum()), np.int64)
+                    sub[found] = fibers["fiber_id"].to_numpy(np.int64)[j[found]]
+                    ids[ok] = sub
+            cells.loc[todo, "fiber_id"] = ids
+    cells = cells.drop(columns=[c for c in ("_fiber_x", "_fiber_y") if c in cells.columns])
+    if "cell_id" in cells.columns and len(cells):
+        cells["cell_id"] = np.arange(1, len(cells) + 1, dtype=np.int64)
+    return cells, fibers
+
+
+def _assemble_overview(plan: SlidePlan, results: list[TileResult]) -> dict[str, np.ndarray]:
+    oh, ow = plan.overview_shape
+    out: dict[str, np.ndarray] = {}
+    for r in results:
+        for key, (rows, cols, arr) in r.overview.items():
+            if key not in out:
+                out[key] = np.zeros((oh, ow), arr.dtype)
+            rr = rows[rows < oh]
+            cc = cols[cols < ow]
+            out[key][np.ix_(rr, cc)] = arr[:len(rr), :len(cc)]
+    out["rgb"] = plan.overview_rgb
+    if "tissue" not in out:
+        import cv2
+
+        out["tissue"] = cv2.resize(plan.tissue_lowres.astype(np.uint8), (ow, oh),
+                                   interpolation=cv2.INTER_NEAREST).astype(bool)
+    return out
+
+
+def merge_tiles(plan: SlidePlan, results: Iterable[TileResult], *, seconds: float | None = None):
+    """Combine tile results of one slide into a :class:`~biopsyquant.score.ScoreResult`.
+
+    Counts are summed, object tables concatenated (fiber ids renumbered 1..N slide-wide) and
+    :func:`biopsyquant.score.summarize` runs once over the totals.
+    """
+    from .score import ScoreResult, summarize
+
+    t0 = time.perf_counter()
+    results = sorted(results, key=lambda r: r.index)
+    if len(results) != len(plan.tiles):
+        raise InputError(f"{plan.name}: {len(results)} tile results for {len(plan.tiles)} tiles")
+    counts: dict = {}
+    warn_list = list(plan.warnings)
+    for r in results:
+        _add_counts(counts, r.counts)
+        for w in r.warnings:
+            if w not in warn_list:
+                warn_list.append(w)
+    size_mpp = float(plan.mpp) if plan.mpp else float(plan.settings.tiling.assumed_mpp_unknown)
+    cells, fibers = _renumber(results, tolerance_px=3.0 / size_mpp)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = summarize(cells=cells, fibers=fibers, counts=counts, mpp=plan.mpp,
+                            settings=plan.settings)
+    for w in caught:
+        if str(w.message) not in warn_list:
+            warn_list.append(str(w.message))
+    summary = {"slide": plan.name, "marker": plan.settings.marker, "mpp": plan.mpp,
+               "mpp_source": plan.mpp_source, **summary}
+    tile_seconds = [r.seconds for r in results]
+    provenance = {
+        "biopsyquant_version": __version__,
+        "settings_digest": plan.settings.digest(),
+        "stain_model": plan.stain_model.to_dict(),
+        "stain_model_from": {"image": "thumbnail", "shape": list(plan.tissue_lowres.shape),
+                             "downsample": [round(s, 4) for s in plan.lowres_scale]},
+        "mpp": plan.mpp,
+        "mpp_source": plan.mpp_source,
+        "path": plan.path,
+        "shape": list(plan.shape),
+        "format": plan.fmt,
+        "levels": plan.levels,
+        "tiling": {"tiled": plan.tiled, "n_tiles": len(plan.tiles),
+                   "tile_size_px": (plan.tiles[0].core[2] - plan.tiles[0].core[0])
+                   if plan.tiles else None,
+                   "overlap_px": overlap_px(plan.settings, plan.mpp) if plan.tiled else 0,
+                   "ownership": "objects by centroid in the tile core; pixels by core"},
+        "seconds": {"prepare": round(plan.seconds_prepare, 4),
+                    "tiles_sum": round(float(np.sum(tile_seconds)), 4),
+                    "tile_max": round(float(np.max(tile_seconds)), 4) if tile_seconds else 0.0,
+                    "merge": round(time.perf_counter() - t0, 4),
+                    **({"total": round(seconds, 4)} if seconds is not None else {})},
+        "od_units": "log10 optical density relative to the measured background",
+        "overview_downsample": round(plan.overview_ds, 4),
+        "counts": {k: (v.tolist() if isinstance(v, np.ndarray) else v)
+                   for k, v in counts.items()},
+    }
+    labels = {f"overview_{k}": v for k, v in _assemble_overview(plan, results).items()}
+    return ScoreResult(name=plan.name, marker=plan.settings.marker, summary=summary,
+                       cells=cells, fibers=fibers, labels=labels, settings=plan.settings,
+                       stain_model=plan.stain_model, mpp=plan.mpp, mpp_source=plan.mpp_source,
+                       warnings=warn_list, provenance=provenance)
+
+
+# --------------------------------------------------------------------------------------
+# one-call API
+
+
+def score_slide(
+    slide,
+    *,
+    settings: Settings | None = None,
+    marker: str | None = None,
+    mpp: float | None = None,
+    stain_model: StainModel | None = None,
+    exclusions=None,
+    name: str | None = None,
+    tile_size: int | None = None,
+    tiled: bool | None = None,
+    map_tiles: Callable | None = None,
+    progress: Callable[[int, int], None] | None = None,
+):
+    """Score a slide (any size) with bounded memory; tiles when it is large.
+
+    Parameters
+    ----------
+    slide : Slide, str or Path
+        An open slide or a file path (opened with :func:`~biopsyquant.slide.open_slide`).
+    settings : Settings, optional
+        Analysis settings; default: the preset of ``marker``.
+    marker : str, optional
+        Marker preset name, when ``settings`` is not given.
+    mpp : float, optional
+        Pixel size override in µm/px (source ``user``) when opening from a path.
+    stain_model : StainModel, optional
+        Fixed stain model; default: estimated once from the slide's thumbnail.
+    exclusions : list of (N, 2) arrays or GeoJSON path, optional
+        Exclusion polygons in level-0 pixel x, y.
+    name : str, optional
+        Slide name.
+    tile_size : int, optional
+        Core edge in pixels (default ``settings.tiling.tile_size_px``).
+    tiled : bool, optional
+        Force tiling (True) or one piece (False); default by ``tiling.max_whole_image_px``.
+    map_tiles : callable, optional
+        ``map_tiles(measure_tile, tasks)`` returning an iterable of TileResult (e.g. a process
+        pool's ``map``); default: tiles one after the other in this process.
+    progress : callable, optional
+        Called as ``progress(done, total)`` after each tile.
+
+    Returns
+    -------
+    ScoreResult
+        As from :func:`~biopsyquant.score.score_image`; ``labels`` holds downsampled
+        ``overview_*`` rasters instead of full-resolution label images.
+    """
+    from .settings import load_settings
+
+    t0 = time.perf_counter()
+    if settings is None:
+        if marker is None:
+            raise InputError("score_slide needs a marker (e.g. 'CD163') or settings")
+        settings = load_settings(marker)
+    if isinstance(slide, str | Path):
+        from .slide import open_slide
+
+        slide = open_slide(slide, mpp=mpp)
+    plan = prepare_slide(slide, settings=settings, stain_model=stain_model,
+                         exclusions=exclusions, name=name, tile_size=tile_size, tiled=tiled)
+    tasks = tile_tasks(plan, mpp_override=mpp)
+    results = []
+    if map_tiles is None:
+        it: Iterable[TileResult] = (measure_tile(t, slide=slide) for t in tasks)
+    else:
+        it = map_tiles(measure_tile, tasks)
+    for i, r in enumerate(it, 1):
+        results.append(r)
+        if progress is not None:
+            progress(i, len(tasks))
+    return merge_tiles(plan, results, seconds=time.perf_counter() - t0)
