@@ -431,6 +431,11 @@ class _TiffBackend(_Backend):
         self.metadata = {"tiff_series": series.name or "", "tiff_series_kind": series.kind}
         if tif.is_bigtiff:
             self.metadata["bigtiff"] = True
+        others = [s.name or f"series {i}" for i, s in enumerate(series_list)
+                  if i != self.series_index]
+        if others:
+            # label/macro/thumbnail images: listed, never levels (labels may carry patient data)
+            self.metadata["associated_images"] = others
 
         # geometry of every level (unsqueezed axes so 1-pixel levels keep their Y/X)
         axes = series.get_axes(False)

@@ -653,3 +653,46 @@ def test_thumbnail_without_pyramid_is_block_mean(tmp_path):
     np.testing.assert_allclose(thumb[0, 0], ref, atol=0.51)
     np.testing.assert_allclose(thumb[-1, -1], img[96:100, 68:70].reshape(-1, 3).mean(0), atol=0.51)
     assert ds == pytest.approx(0.5 * (100 / 25 + 70 / 18))
+
+
+def test_synthetic_aperio_layout_excludes_thumbnail_label_macro(tmp_path):
+    """Aperio page order: level 0, thumbnail (stripped), level 1, label, macro."""
+    img = _rgb(512, 384, seed=4)
+    head = "Aperio Image Library v12.0.15 \r\n384x512 [0,0 384x512] (128x128) JPEG/RGB Q=70"
+    tail = "|AppMag = 40|MPP = 0.2520|ScanScope ID = SS1234"
+    kw = {"photometric": "rgb", "metadata": None}
+    p = tmp_path / "fake.svs"
+    with tifffile.TiffWriter(p) as tw:
+        tw.write(img, tile=(128, 128), compression="jpeg", description=head + tail, **kw)
+        tw.write(img[::8, ::8], compression="jpeg",
+                 description="Aperio Image Library v12.0.15 \r\n384x512 -> 48x64 - " + tail, **kw)
+        tw.write(img[::4, ::4], tile=(128, 128), compression="jpeg",
+                 description="Aperio Image Library v12.0.15 \r\n384x512 -> 96x128 - " + tail, **kw)
+        tw.write(img[:40, :50], compression="lzw", subfiletype=1,
+                 description="Aperio Image Library v12.0.15\r\nlabel 50x40", **kw)
+        tw.write(img[:60, :90], compression="jpeg", subfiletype=9,
+                 description="Aperio Image Library v12.0.15\r\nmacro 90x60", **kw)
+    with open_slide(p) as s:
+        assert s.format == "svs"
+        assert [lv.shape for lv in s.levels] == [(512, 384), (128, 96)]
+        assert [lv.downsample for lv in s.levels] == pytest.approx([1.0, 4.0])
+        assert s.mpp == pytest.approx(0.252) and s.mpp_source == "svs"
+        assert s.objective_power == 40 and s.metadata["ScanScope ID"] == "SS1234"
+        assert s.metadata["associated_images"] == ["Thumbnail", "Label", "Macro"]
+        assert np.abs(s.read_level(1).astype(int) - img[::4, ::4]).mean() < 4
+        # the thumbnail comes from level 1, never level 0
+        thumb, ds = s.thumbnail(max_size=128)
+        assert thumb.shape == (128, 96, 3) and ds == pytest.approx(4.0)
+
+
+def test_concurrent_reads_agree(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    img = _rgb(256, 256, seed=2)
+    p = tmp_path / "c.tif"
+    tifffile.imwrite(p, img, tile=(64, 64), compression="zlib", photometric="rgb")
+    boxes = [(x, y) for x in range(0, 224, 37) for y in range(0, 224, 41)]
+    with _open_quiet(p) as s, ThreadPoolExecutor(2) as ex:
+        results = list(ex.map(lambda b: s.read_region(b[0], b[1], 32, 32), boxes))
+    for (x, y), r in zip(boxes, results, strict=True):
+        np.testing.assert_array_equal(r, img[y : y + 32, x : x + 32])
