@@ -130,6 +130,36 @@ def wilcoxon_method_used(d: np.ndarray, zero_method: str) -> str:
     return "asymptotic (ties/zeros present)"
 
 
+def _signed_rank_exact_conditional(d: np.ndarray, zero_method: str) -> tuple[float, float]:
+    """Two-sided p of the signed-rank sum under all 2^n equally likely sign flips.
+
+    Ranks are mid-ranks of ``|d|`` (zeros removed first for ``"wilcox"``, ranked and then
+    ignored for ``"pratt"``, half-counted on each side for ``"zsplit"`` — a constant that does
+    not change the p-value).  ``p = min(1, 2·min(P(R+ <= r+), P(R+ >= r+)))`` as in
+    ``scipy.stats.permutation_test``; returns ``(min(r+, r-), p)`` like ``scipy.stats.wilcoxon``.
+    """
+    a = d[d != 0] if zero_method == "wilcox" else d
+    ranks = stats.rankdata(np.abs(a))
+    nz = a != 0
+    r_plus = float(ranks[a > 0].sum())
+    r_minus = float(ranks[a < 0].sum())
+    if zero_method == "zsplit":
+        half = float(ranks[~nz].sum()) / 2.0
+        r_plus += half
+        r_minus += half
+    # variable part: sum of the non-zero ranks whose sign is '+'; mid-ranks are multiples of 1/2
+    w = np.rint(2.0 * ranks[nz]).astype(np.int64)
+    counts = np.zeros(int(w.sum()) + 1, dtype=np.float64)
+    counts[0] = 1.0
+    for wi in w:
+        counts[wi:] = counts[wi:] + counts[: counts.size - wi].copy()
+    prob = counts / counts.sum()
+    obs = int(np.rint(2.0 * float(ranks[a > 0].sum())))
+    p_le = float(prob[: obs + 1].sum())
+    p_ge = float(prob[obs:].sum())
+    return min(r_plus, r_minus), min(1.0, 2.0 * min(p_le, p_ge))
+
+
 def wilcoxon_signed_rank(
     d: np.ndarray | list[float], *, zero_method: str = "wilcox", min_n: int = 3
 ) -> dict:
@@ -167,12 +197,19 @@ def wilcoxon_signed_rank(
         what = "non-zero changes" if zero_method == "wilcox" else "pairs"
         out["note"] = f"too few {what} for a signed-rank test: {usable} < {min_n}"
         return out
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = stats.wilcoxon(a, zero_method=zero_method, alternative="two-sided", method="auto")
-    out["statistic"] = float(res.statistic)
-    out["p"] = float(res.pvalue)
-    out["method"] = wilcoxon_method_used(a, zero_method)
+    method = wilcoxon_method_used(a, zero_method)
+    if method.startswith("exact permutation"):
+        # scipy would run permutation_test over all 2^n sign flips (slow: seconds per call);
+        # the same exact conditional distribution by dynamic programming, in microseconds
+        out["statistic"], out["p"] = _signed_rank_exact_conditional(a, zero_method)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = stats.wilcoxon(a, zero_method=zero_method, alternative="two-sided",
+                                 method="auto")
+        out["statistic"] = float(res.statistic)
+        out["p"] = float(res.pvalue)
+    out["method"] = method
     if n_zero and zero_method == "wilcox":
         out["note"] = f"{n_zero} zero change(s) discarded before ranking (zero_method='wilcox')"
     return out
