@@ -136,7 +136,7 @@ class MhcParams:
     diffuse_min_region_pct : float
         Diffuse when at least this % of regions are involved, else focal.
     capillary_od, capillary_min_area_um2, capillary_max_area_um2, capillary_max_lumen_um2,
-    capillary_max_elongation : float
+    capillary_max_elongation, capillary_min_contrast_od : float
         Internal control: positive capillary / small vessel objects outside the fibers (see
         :class:`biopsyquant.pixels.PixelParams`).
     control_min_od : float
@@ -170,6 +170,7 @@ class MhcParams:
     capillary_max_area_um2: float = 400.0
     capillary_max_lumen_um2: float = 60.0
     capillary_max_elongation: float = 3.0
+    capillary_min_contrast_od: float = 0.15
     control_min_od: float = 0.3
 
     def __post_init__(self) -> None:
@@ -452,7 +453,8 @@ def measure(ctx: ImageContext) -> Measurements:
                            threshold_od=p.capillary_od, min_area_um2=p.capillary_min_area_um2,
                            max_area_um2=p.capillary_max_area_um2,
                            max_lumen_um2=p.capillary_max_lumen_um2,
-                           max_elongation=p.capillary_max_elongation)
+                           max_elongation=p.capillary_max_elongation,
+                           min_contrast_od=p.capillary_min_contrast_od)
     counts = {
         "capillary_n": int(len(ves)),
         "capillary_stained_px": int(ves["stained_px"].sum()) if len(ves) else 0,

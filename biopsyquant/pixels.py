@@ -94,6 +94,9 @@ class PixelParams:
     lumen_min_area_um2 : float
         Empty pixels count as a lumen only in connected regions at least this large (µm²), so
         single pale pixels of a negative fiber stay in the denominator.
+    lumen_fill_um2 : float
+        Islands up to this area (µm²) enclosed by a lumen belong to it (dust, debris, a cell
+        floating in a vessel lumen): an empty area never contributes positive pixels.
     capillary_od : float
         DAB OD from which a pixel belongs to a positive capillary / vessel object.
     capillary_min_area_um2, capillary_max_area_um2 : float
@@ -103,6 +106,9 @@ class PixelParams:
     capillary_max_elongation : float
         Largest major/minor axis ratio of a counted object (cross-cut capillaries are round;
         elongated streaks of stained endomysium are not counted).
+    capillary_min_contrast_od : float
+        The object's mean DAB OD must exceed that of a ring of ~2 µm around it by this much, so
+        a diffusely stained patch of interstitium is not taken for a capillary.
     """
 
     weak_od: float = 0.2
@@ -111,15 +117,18 @@ class PixelParams:
     drop_lumina: bool = True
     lumen_max_total_od: float = 0.06
     lumen_min_area_um2: float = 20.0
+    lumen_fill_um2: float = 30.0
     capillary_od: float = 0.3
     capillary_min_area_um2: float = 10.0
     capillary_max_area_um2: float = 400.0
     capillary_max_lumen_um2: float = 60.0
     capillary_max_elongation: float = 3.0
+    capillary_min_contrast_od: float = 0.15
 
     def __post_init__(self) -> None:
         for name in ("weak_od", "moderate_od", "strong_od", "lumen_max_total_od",
-                     "lumen_min_area_um2", "capillary_od", "capillary_min_area_um2",
+                     "lumen_min_area_um2", "lumen_fill_um2", "capillary_od",
+                     "capillary_min_contrast_od", "capillary_min_area_um2",
                      "capillary_max_area_um2", "capillary_max_lumen_um2",
                      "capillary_max_elongation"):
             v = getattr(self, name)
@@ -246,7 +255,8 @@ def total_od(rgb: np.ndarray, background=(255.0, 255.0, 255.0)) -> np.ndarray:
 
 
 def lumen_mask(rgb: np.ndarray, *, background, mpp: float, within: np.ndarray,
-               max_total_od: float = 0.06, min_area_um2: float = 20.0) -> np.ndarray:
+               max_total_od: float = 0.06, min_area_um2: float = 20.0,
+               fill_um2: float = 30.0) -> np.ndarray:
     """Empty lumina / holes inside the tissue.
 
     Parameters
@@ -262,6 +272,8 @@ def lumen_mask(rgb: np.ndarray, *, background, mpp: float, within: np.ndarray,
         Pixels whose R+G+B optical density is below this are empty.
     min_area_um2 : float
         Smallest connected empty region (8-connected) that counts as a lumen (µm²).
+    fill_um2 : float
+        Islands up to this area (µm², 4-connected) enclosed by a lumen are added to it.
 
     Returns
     -------
@@ -278,7 +290,24 @@ def lumen_mask(rgb: np.ndarray, *, background, mpp: float, within: np.ndarray,
     n, lab, stats, _ = cv2.connectedComponentsWithStats(pale, connectivity=8)
     keep = stats[:, cv2.CC_STAT_AREA] >= min_px
     keep[0] = False
-    return keep[lab]
+    lumen = keep[lab]
+    if fill_um2 > 0 and lumen.any():
+        lumen = _fill_small_holes(lumen, fill_um2 / (mpp * mpp))
+    return lumen
+
+
+def _fill_small_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
+    """``mask`` with enclosed holes of at most ``max_px`` pixels filled (never at the border)."""
+    shape = mask.shape
+    nb, blab, bstats, _ = cv2.connectedComponentsWithStats((~mask).view(np.uint8),
+                                                           connectivity=4)
+    x0, y0 = bstats[:, cv2.CC_STAT_LEFT], bstats[:, cv2.CC_STAT_TOP]
+    x1, y1 = x0 + bstats[:, cv2.CC_STAT_WIDTH], y0 + bstats[:, cv2.CC_STAT_HEIGHT]
+    border = (x0 == 0) | (y0 == 0) | (x1 == shape[1]) | (y1 == shape[0])
+    small = (bstats[:, cv2.CC_STAT_AREA] <= max_px) & ~border
+    if not small.any():
+        return mask
+    return mask | small[blab]
 
 
 def score_pixels(dab_od: np.ndarray, *, analysed: np.ndarray, compartments: np.ndarray | None,
@@ -375,8 +404,8 @@ def pixel_summary(counts: dict, *, groups=GROUPS) -> dict:
 def positive_vessels(dab_od: np.ndarray, *, region: np.ndarray, mpp: float,
                      own: np.ndarray | None = None, threshold_od: float = 0.3,
                      min_area_um2: float = 10.0, max_area_um2: float = 400.0,
-                     max_lumen_um2: float = 60.0, max_elongation: float = 3.0
-                     ) -> pd.DataFrame:
+                     max_lumen_um2: float = 60.0, max_elongation: float = 3.0,
+                     min_contrast_od: float = 0.15) -> pd.DataFrame:
     """DAB-positive capillaries / small vessels: round positive objects in ``region``.
 
     Parameters
@@ -397,6 +426,9 @@ def positive_vessels(dab_od: np.ndarray, *, region: np.ndarray, mpp: float,
         Enclosed holes up to this area are filled before measuring.
     max_elongation : float
         Largest major/minor axis ratio of the moment ellipse.
+    min_contrast_od : float
+        Smallest difference between the object's mean DAB OD and that of a ~2 µm ring around
+        it (0 = no contrast test).
 
     Returns
     -------
@@ -412,14 +444,8 @@ def positive_vessels(dab_od: np.ndarray, *, region: np.ndarray, mpp: float,
     if not pos.any():
         return pd.DataFrame({c: pd.Series(dtype=float) for c in cols})
     px_um2 = mpp * mpp
-    pos8 = pos.view(np.uint8)
     # fill small enclosed holes (capillary lumina), never holes touching the image border
-    nb, blab, bstats, _ = cv2.connectedComponentsWithStats(1 - pos8, connectivity=4)
-    x0, y0 = bstats[:, cv2.CC_STAT_LEFT], bstats[:, cv2.CC_STAT_TOP]
-    x1, y1 = x0 + bstats[:, cv2.CC_STAT_WIDTH], y0 + bstats[:, cv2.CC_STAT_HEIGHT]
-    border = (x0 == 0) | (y0 == 0) | (x1 == shape[1]) | (y1 == shape[0])
-    small = (bstats[:, cv2.CC_STAT_AREA] * px_um2 <= max_lumen_um2) & ~border
-    filled = pos | small[blab]
+    filled = _fill_small_holes(pos, max_lumen_um2 / px_um2)
     n, lab, stats, cents = cv2.connectedComponentsWithStats(filled.view(np.uint8),
                                                             connectivity=8)
     area = stats[:, cv2.CC_STAT_AREA].astype(np.int64)
@@ -446,6 +472,21 @@ def positive_vessels(dab_od: np.ndarray, *, region: np.ndarray, mpp: float,
         l1, l2 = tr / 2 + disc, np.maximum(tr / 2 - disc, 1e-12)
         elong = np.sqrt(l1 / l2)
     keep = cand & (elong <= max_elongation)
+    lab_pos = lab[pos]
+    stained = np.bincount(lab_pos, minlength=n)
+    odsum = np.bincount(lab_pos, dab[pos], minlength=n)
+    if min_contrast_od > 0 and keep.any():
+        # mean DAB of a ring of ~2 µm around each candidate (pixels of no other object)
+        ring_px = max(1, int(round(2.0 / mpp)))
+        k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ring_px + 1, 2 * ring_px + 1))
+        cl = np.where(keep[lab], lab, 0).astype(np.float32)
+        grown = cv2.dilate(cl, k).astype(np.int64)
+        ring = (grown > 0) & (lab == 0)
+        rn = np.bincount(grown[ring], minlength=n)
+        rs = np.bincount(grown[ring], dab[ring], minlength=n)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            contrast = odsum / np.maximum(stained, 1) - np.where(rn > 0, rs / rn, 0.0)
+        keep &= contrast >= min_contrast_od
     ids = np.flatnonzero(keep)
     cxs, cys = cents[ids, 0], cents[ids, 1]
     if own is not None:
@@ -454,9 +495,6 @@ def positive_vessels(dab_od: np.ndarray, *, region: np.ndarray, mpp: float,
         yi = np.clip(np.round(cys).astype(int), 0, shape[0] - 1)
         owned = own[yi, xi]
         ids, cxs, cys = ids[owned], cxs[owned], cys[owned]
-    lab_pos = lab[pos]
-    stained = np.bincount(lab_pos, minlength=n)
-    odsum = np.bincount(lab_pos, dab[pos], minlength=n)
     return pd.DataFrame({"x_px": cxs, "y_px": cys, "area_px": area[ids],
                          "stained_px": stained[ids], "dab_od_sum": odsum[ids],
                          "elongation": elong[ids]})
@@ -494,7 +532,7 @@ def measure(ctx: ImageContext) -> Measurements:
     if p.drop_lumina:
         lumen = lumen_mask(ctx.rgb, background=ctx.stain_model.background, mpp=mpp,
                            within=analysed, max_total_od=p.lumen_max_total_od,
-                           min_area_um2=p.lumen_min_area_um2)
+                           min_area_um2=p.lumen_min_area_um2, fill_um2=p.lumen_fill_um2)
     counts, classes = score_pixels(ctx.dab_od, analysed=own_mask, compartments=ctx.compartments,
                                    params=p, drop=lumen, return_classes=True)
     counts["lumen_px"] = int(np.count_nonzero(lumen & own_mask)) if lumen is not None else 0
@@ -506,7 +544,8 @@ def measure(ctx: ImageContext) -> Measurements:
                            threshold_od=p.capillary_od, min_area_um2=p.capillary_min_area_um2,
                            max_area_um2=p.capillary_max_area_um2,
                            max_lumen_um2=p.capillary_max_lumen_um2,
-                           max_elongation=p.capillary_max_elongation)
+                           max_elongation=p.capillary_max_elongation,
+                           min_contrast_od=p.capillary_min_contrast_od)
     counts["positive_capillaries"] = int(len(ves))
     counts["capillary_stained_px"] = int(ves["stained_px"].sum()) if len(ves) else 0
     counts["capillary_od_sum"] = float(ves["dab_od_sum"].sum()) if len(ves) else 0.0
