@@ -24,14 +24,19 @@ def session_tables(session: ReviewSession) -> tuple[pd.DataFrame, pd.DataFrame, 
     """(slides, cells, fibers) tables of a reviewed session, batch column order first."""
     res = session.result
     summary = session.summary()
-    row = {"slide": session.name, "path": session.path or "", "status": "ok", "error": "",
-           **summary, "manual_review": True, "settings_digest": res.settings.digest()}
+    parts = session.name.split("_")
+    patient, timepoint = (parts[0], parts[1]) if len(parts) == 3 else ("", "")
+    row = {"slide": session.name, "path": session.path or "", "patient": patient,
+           "timepoint": timepoint, "marker": res.marker, "status": "ok", "error": ""}
+    row.update({k: v for k, v in summary.items() if k not in ("slide", "marker")})
+    row.update({"warnings": " | ".join(res.warnings), "manual_review": True,
+                "settings_digest": res.settings.digest()})
     slides = pd.DataFrame([row])
     cells = session.cells_table()
-    if len(cells) or len(cells.columns):
-        cells.insert(0, "slide", session.name)
     fibers = res.fibers.copy()
-    fibers.insert(0, "slide", session.name)
+    for df in (cells, fibers):
+        df.insert(0, "marker", res.marker)
+        df.insert(0, "slide", session.name)
     return slides, cells, fibers
 
 
