@@ -75,6 +75,13 @@ def build_paired(prep: Prepared, settings, problems: Problems) -> pd.DataFrame:
                         rec[f"value_{tp}"] = float(b["value"])
                         rec[f"n_sections_{tp}"] = int(b["n_sections"])
                         rec[f"slides_{tp}"] = b["slides"]
+                        gone = ex[(ex["patient"] == pid) & (ex["timepoint"] == tp)
+                                  & (ex["marker"] == marker)]
+                        if len(gone):
+                            notes.append(f"{tp}: {len(gone)} section(s) excluded ("
+                                         + ", ".join(f"{s} {k}" for s, k in
+                                                     zip(gone["slide"], gone["kind"],
+                                                         strict=True)) + ")")
                         if b["n_sections"] == 0:
                             notes.append(f"{metric} missing in all {b['n_rows']} {tp} "
                                          "section(s)")

@@ -95,10 +95,12 @@ def _fmt_p(p: float) -> str:
 
 
 def slope_figure(paired: pd.DataFrame, *, marker: str, metric: str, timepoints: list[str],
-                 groups: list[str], stats: pd.DataFrame | None = None) -> Figure:
+                 groups: list[str], stats: pd.DataFrame | None = None,
+                 thresholds: tuple[float, ...] = ()) -> Figure:
     """Paired slope plot: one line per patient across timepoints, coloured by group.
 
     Thick lines are group medians.  Patients with a single timepoint are drawn as lone points.
+    ``thresholds`` (presence thresholds of this metric) are drawn as dotted lines.
     """
     sub = paired[(paired["marker"] == marker) & (paired["metric"] == metric)]
     colors = group_colors(groups)
@@ -140,6 +142,10 @@ def slope_figure(paired: pd.DataFrame, *, marker: str, metric: str, timepoints: 
     ax.grid(axis="y", alpha=0.3)
     ax.set_ylim(bottom=min(0.0, float(np.nanmin(
         sub[[f"value_{tp}" for tp in timepoints]].to_numpy(float))) if len(sub) else 0.0))
+    for thr in thresholds:
+        ax.axhline(thr, color="0.25", lw=1.0, ls=":")
+        handles.append(Line2D([0], [0], color="0.25", lw=1.0, ls=":",
+                              label=f"presence threshold ({thr:g})"))
     if handles:
         extra = [Line2D([0], [0], color="0.3", lw=1, marker="o", ms=4, alpha=0.6,
                         label="one patient")]
@@ -188,7 +194,10 @@ def change_figure(paired: pd.DataFrame, *, marker: str, metric: str, timepoints:
             gt = group_tests[(group_tests["marker"] == marker) & (group_tests["metric"] == metric)
                              & (group_tests["contrast"] == f"{tp} vs {timepoints[0]}")]
             if len(gt):
-                t += f"\nMann–Whitney p = {_fmt_p(gt.iloc[0]['mannwhitney_p'])}"
+                g0 = gt.iloc[0]
+                t += f"\nMann–Whitney p = {_fmt_p(g0['mannwhitney_p'])}"
+                if np.isfinite(g0["rank_biserial"]):
+                    t += f", rank-biserial r = {g0['rank_biserial']:.2f}"
         ax.set_title(t, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel(f"change in {metric_label(metric)}")
@@ -234,7 +243,7 @@ def correlation_figure(paired: pd.DataFrame, patients: pd.DataFrame, *, marker: 
     axes[0].set_ylabel(clinical)
     if groups:
         axes[-1].legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.suptitle(f"{marker} {metric}: correlation with {clinical}", fontsize=11)
+    fig.suptitle(f"{marker} {metric_label(metric)}: correlation with {clinical}", fontsize=11)
     return fig
 
 

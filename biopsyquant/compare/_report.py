@@ -103,7 +103,7 @@ def write_tables(result: ComparisonResult, out_dir: str | Path) -> dict[str, Pat
     for name, df in files.items():
         p = out / f"{name}.csv"
         tmp = p.with_suffix(".csv.tmp")
-        df.to_csv(tmp, index=False, na_rep="NA")
+        df.to_csv(tmp, index=False, na_rep="NA", float_format="%.10g")
         os.replace(tmp, p)
         paths[name] = p
     prov = out / "provenance.json"
@@ -121,9 +121,11 @@ def _figures(result: ComparisonResult, fig_dir: Path, formats: tuple[str, ...],
             if figure_metrics is not None and metric not in figure_metrics and \
                     f"{marker}:{metric}" not in figure_metrics:
                 continue
+            thr = tuple(t for mk, me, t in result.settings.presence_thresholds
+                        if me == metric and mk in ("", marker))
             fig = slope_figure(result.paired, marker=marker, metric=metric,
                                timepoints=result.timepoints, groups=result.groups,
-                               stats=result.stats)
+                               stats=result.stats, thresholds=thr)
             recs.append({"kind": "slope", "marker": marker, "metric": metric, "clinical": "",
                          "paths": save_figure(fig, fig_dir / safe_name("slope", marker, metric),
                                               formats=formats)})
