@@ -86,6 +86,28 @@ def _classes_row(rgb, lut1, thresholds, mask, use_mask, outside, out, i):
         out[i, j] = c
 
 
+@njit(**_JIT)
+def _counts3_row(rgb, lut1, t0, t1, t2, mask, use_mask, counts, sums, i):
+    # scalar thresholds: about twice as fast as looping over a threshold array
+    for j in range(rgb.shape[1]):
+        if use_mask and not mask[i, j]:
+            continue
+        v = lut1[0, rgb[i, j, 0]] + lut1[1, rgb[i, j, 1]] + lut1[2, rgb[i, j, 2]]
+        c = np.int64(v >= t0) + np.int64(v >= t1) + np.int64(v >= t2)
+        counts[i, c] += 1
+        sums[i, c] += v
+
+
+@njit(**_JIT)
+def _classes3_row(rgb, lut1, t0, t1, t2, mask, use_mask, outside, out, i):
+    for j in range(rgb.shape[1]):
+        if use_mask and not mask[i, j]:
+            out[i, j] = outside
+            continue
+        v = lut1[0, rgb[i, j, 0]] + lut1[1, rgb[i, j, 1]] + lut1[2, rgb[i, j, 2]]
+        out[i, j] = np.uint8(v >= t0) + np.uint8(v >= t1) + np.uint8(v >= t2)
+
+
 # --------------------------------------------------------------------------------------------
 # drivers: parallel over rows / serial
 # --------------------------------------------------------------------------------------------
@@ -137,6 +159,30 @@ def _classes_ser(rgb, lut1, thresholds, mask, use_mask, outside, out):
         _classes_row(rgb, lut1, thresholds, mask, use_mask, outside, out, i)
 
 
+@njit(parallel=True, **_JIT)
+def _counts3_par(rgb, lut1, t0, t1, t2, mask, use_mask, counts, sums):
+    for i in prange(rgb.shape[0]):
+        _counts3_row(rgb, lut1, t0, t1, t2, mask, use_mask, counts, sums, i)
+
+
+@njit(**_JIT)
+def _counts3_ser(rgb, lut1, t0, t1, t2, mask, use_mask, counts, sums):
+    for i in range(rgb.shape[0]):
+        _counts3_row(rgb, lut1, t0, t1, t2, mask, use_mask, counts, sums, i)
+
+
+@njit(parallel=True, **_JIT)
+def _classes3_par(rgb, lut1, t0, t1, t2, mask, use_mask, outside, out):
+    for i in prange(rgb.shape[0]):
+        _classes3_row(rgb, lut1, t0, t1, t2, mask, use_mask, outside, out, i)
+
+
+@njit(**_JIT)
+def _classes3_ser(rgb, lut1, t0, t1, t2, mask, use_mask, outside, out):
+    for i in range(rgb.shape[0]):
+        _classes3_row(rgb, lut1, t0, t1, t2, mask, use_mask, outside, out, i)
+
+
 def run(par, ser, n_pixels: int, *args, parallel: bool | None = None) -> None:
     """Call the parallel kernel ``par`` or the serial kernel ``ser`` with ``args``.
 
@@ -177,15 +223,31 @@ def stain_into(rgb: np.ndarray, lut1: np.ndarray, out: np.ndarray, *, parallel=N
     run(_stain_par, _stain_ser, rgb.shape[0] * rgb.shape[1], rgb, lut1, out, parallel=parallel)
 
 
+def _three(thresholds: np.ndarray) -> tuple:
+    """Up to three float32 thresholds as scalars, padded with +inf (never reached)."""
+    t = [np.float32(x) for x in thresholds] + [np.float32(np.inf)] * (3 - thresholds.shape[0])
+    return tuple(t)
+
+
 def threshold_counts(rgb: np.ndarray, lut1: np.ndarray, thresholds: np.ndarray,
                      mask: np.ndarray | None, *, parallel=None) -> tuple[np.ndarray, np.ndarray]:
-    """Class counts (int64, k+1) and OD sums per class (float64, k+1) for k thresholds."""
+    """Class counts (int64, k+1) and OD sums per class (float64, k+1) for k thresholds.
+
+    ``thresholds`` is a float32 array (compared with the float32 OD); up to three thresholds
+    use a kernel with scalar thresholds, more use a loop over the array.
+    """
     h = rgb.shape[0]
-    nc = thresholds.shape[0] + 1
-    counts = np.zeros((h, nc), np.int64)
-    sums = np.zeros((h, nc), np.float64)
+    nt = thresholds.shape[0]
     use_mask = mask is not None
     m = mask if use_mask else _NO_MASK
+    if nt <= 3:
+        counts = np.zeros((h, 4), np.int64)
+        sums = np.zeros((h, 4), np.float64)
+        run(_counts3_par, _counts3_ser, h * rgb.shape[1], rgb, lut1, *_three(thresholds), m,
+            use_mask, counts, sums, parallel=parallel)
+        return counts.sum(axis=0)[: nt + 1], sums.sum(axis=0)[: nt + 1]
+    counts = np.zeros((h, nt + 1), np.int64)
+    sums = np.zeros((h, nt + 1), np.float64)
     run(_counts_par, _counts_ser, h * rgb.shape[1], rgb, lut1, thresholds, m, use_mask,
         counts, sums, parallel=parallel)
     return counts.sum(axis=0), sums.sum(axis=0)
@@ -197,5 +259,10 @@ def threshold_classes(rgb: np.ndarray, lut1: np.ndarray, thresholds: np.ndarray,
     """uint8 class image: number of thresholds ``<=`` the stain OD; ``outside`` where mask False."""
     use_mask = mask is not None
     m = mask if use_mask else _NO_MASK
-    run(_classes_par, _classes_ser, rgb.shape[0] * rgb.shape[1], rgb, lut1, thresholds, m,
-        use_mask, np.uint8(outside), out, parallel=parallel)
+    n = rgb.shape[0] * rgb.shape[1]
+    if thresholds.shape[0] <= 3:
+        run(_classes3_par, _classes3_ser, n, rgb, lut1, *_three(thresholds), m, use_mask,
+            np.uint8(outside), out, parallel=parallel)
+    else:
+        run(_classes_par, _classes_ser, n, rgb, lut1, thresholds, m, use_mask,
+            np.uint8(outside), out, parallel=parallel)

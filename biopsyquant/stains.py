@@ -375,7 +375,7 @@ def _check_thresholds(thresholds) -> np.ndarray:
         raise InputError(
             f"`thresholds` must be 1-254 finite, non-decreasing OD values, got {thresholds!r}"
         )
-    return np.ascontiguousarray(t)
+    return np.ascontiguousarray(t, dtype=np.float32)  # compared with the float32 OD
 
 
 def _check_mask(mask, shape: tuple[int, int], name: str = "mask") -> np.ndarray | None:

@@ -202,27 +202,31 @@ def test_threshold_counts_match_numpy_and_float64():
     np.testing.assert_array_equal(img, cls)
 
 
-def test_threshold_counts_mask_and_additivity():
+@pytest.mark.parametrize("thr", [(0.3,), (0.2, 0.5), (0.15, 0.3, 0.5, 0.8)],
+                         ids=["1", "2", "4"])
+def test_threshold_counts_mask_and_additivity(thr):
     rgb = immunohistochemistry()
     model = PRESETS["H-DAB"]
     mask = np.zeros(rgb.shape[:2], bool)
     mask[100:400, 50:300] = True
-    thr = [0.15, 0.3, 0.5, 0.8]  # any number of thresholds
+    k = len(thr) + 1
     whole = dab_threshold_counts(rgb, model, thr, mask)
-    assert whole.counts.shape == (5,) and whole.total == mask.sum()
+    assert whole.counts.shape == (k,) and whole.od_sum.shape == (k,)
+    assert whole.total == mask.sum()
     dab = stain_od(rgb, model)
-    np.testing.assert_array_equal(
-        whole.counts,
-        np.bincount(np.searchsorted(np.float32(thr), dab[mask], side="right"), minlength=5),
-    )
+    cls = np.searchsorted(np.float32(thr), dab[mask], side="right")
+    np.testing.assert_array_equal(whole.counts, np.bincount(cls, minlength=k))
+    np.testing.assert_allclose(
+        whole.od_sum, [dab[mask][cls == c].astype(float).sum() for c in range(k)], atol=1e-6,
+        rtol=1e-9)
     top = dab_threshold_counts(rgb[:256], model, thr, mask[:256])
     bottom = dab_threshold_counts(rgb[256:], model, thr, mask[256:])
     both = top + bottom
     np.testing.assert_array_equal(both.counts, whole.counts)
     np.testing.assert_allclose(both.od_sum, whole.od_sum, rtol=1e-12)
-    cls = dab_classes(rgb, model, thr, mask, outside=9)
-    assert (cls[~mask] == 9).all()
-    np.testing.assert_array_equal(np.bincount(cls[mask], minlength=5), whole.counts)
+    img = dab_classes(rgb, model, thr, mask, outside=9)
+    assert (img[~mask] == 9).all()
+    np.testing.assert_array_equal(img[mask], cls)
 
 
 def test_threshold_argument_errors():
