@@ -39,6 +39,8 @@ Pixel conversion rules (native samples -> uint8 RGB)
 * grayscale (one sample): replicated to R = G = B; ``MinIsWhite`` photometric is inverted first.
 * gray + alpha, RGBA, RGB + extra samples: alpha/extra samples dropped (no compositing).
 * palette (colour map): expanded through the map (16-bit maps scaled by ``>> 8``).
+* YCbCr stored without JPEG compression: converted to RGB (ITU-R BT.601, full range); JPEG
+  decoders already return RGB.
 * planar configuration ``separate`` (``SYX``) and OME channel-planar RGB (``CYX``, C = 3) are
   moved to ``YXS``.  Files with several planes (Z, T, pages of a stack) read the first plane and
   say so in ``Slide.notes``.
@@ -94,6 +96,8 @@ MAX_DECLARED_PIXELS = 1 << 40
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
+#: TIFF compressions whose decoders return stored samples as they are (no colour transform)
+_RAW_CODECS = frozenset({1, 5, 8, 32773, 32946, 34925, 50000})
 _NOT_LEVEL_NAMES = ("label", "macro", "thumbnail", "overview", "map")
 _OPENSLIDE_HINT = (
     "reading MRXS, CZI, VMS and other non-TIFF slide formats needs the optional OpenSlide extra: "
@@ -163,7 +167,7 @@ class _PixelFormat:
     """How native samples of shape (h, w, c) become uint8 RGB."""
 
     dtype: np.dtype
-    colour: str  # "gray", "gray-inverted", "rgb", "palette", "rgba-openslide"
+    colour: str  # "gray", "gray-inverted", "rgb", "ycbcr", "palette", "rgba-openslide"
     shift: int = 0  # uint16 right shift
     lut: np.ndarray | None = None  # palette, (n, 3) uint8
 
@@ -184,6 +188,8 @@ class _PixelFormat:
             parts.append("palette expanded to RGB")
         elif self.colour == "rgba-openslide":
             parts.append("transparent pixels filled white, alpha dropped")
+        elif self.colour == "ycbcr":
+            parts.append("YCbCr converted to RGB (ITU-R BT.601)")
         return "; ".join(parts) if parts else "none (uint8 RGB)"
 
     def convert(self, a: np.ndarray, path: str) -> np.ndarray:
@@ -222,6 +228,12 @@ class _PixelFormat:
             if self.colour == "gray-inverted":
                 g = 255 - g
             return np.repeat(g[..., None], 3, axis=2)
+        if self.colour == "ycbcr":  # TIFF 6.0 / ITU-R BT.601 full range
+            f = b[..., :3].astype(np.float32)
+            y, cb, cr = f[..., 0], f[..., 1] - 128.0, f[..., 2] - 128.0
+            rgb = np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb],
+                           axis=-1)
+            return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
         if self.colour == "rgba-openslide":
             rgb = np.array(b[..., :3])
             if b.shape[-1] > 3:
@@ -534,6 +546,14 @@ class _TiffBackend(_Backend):
             if self.samples < 3:
                 raise SlideError(path, f"RGB image with {self.samples} sample(s) per pixel")
             colour = "rgb"
+            if photometric == tifffile.PHOTOMETRIC.YCBCR and int(key.compression) in _RAW_CODECS:
+                # JPEG decoders return RGB; raw codecs return the stored Y, Cb, Cr samples
+                if tuple(key.subsampling or (1, 1)) != (1, 1):
+                    raise SlideError(path, "chroma-subsampled YCbCr without JPEG compression "
+                                     "is not supported; re-save the image as RGB")
+                if dtype != np.uint8:
+                    raise SlideError(path, f"YCbCr with {dtype} samples is not supported")
+                colour = "ycbcr"
         else:
             name = getattr(tifffile.PHOTOMETRIC(photometric), "name", str(photometric))
             raise SlideError(

@@ -727,3 +727,17 @@ def test_block_mean_matches_loop():
             for j in range(out.shape[1]):
                 ref = a[i * f : (i + 1) * f, j * f : (j + 1) * f].reshape(-1, 3).mean(0)
                 np.testing.assert_allclose(out[i, j], ref, atol=0.5 + 1e-9)
+
+
+def test_uncompressed_ycbcr_converted_to_rgb(tmp_path):
+    img = _rgb(24, 40, seed=9).astype(np.float64)
+    r, g, b = img[..., 0], img[..., 1], img[..., 2]
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    ycc = np.stack([y, 128 + (b - y) / 1.772, 128 + (r - y) / 1.402], axis=-1)
+    p = tmp_path / "ycc.tif"
+    tifffile.imwrite(p, np.clip(np.rint(ycc), 0, 255).astype(np.uint8), photometric="ycbcr",
+                     subsampling=(1, 1), compression="zlib")
+    with _open_quiet(p) as s:
+        assert "YCbCr" in s.conversion
+        out = s.read_level(0).astype(int)
+    assert np.abs(out - img).max() <= 2
