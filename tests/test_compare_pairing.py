@@ -321,3 +321,14 @@ def test_parse_presence_thresholds():
         parse_presence_thresholds(["positive_area_pct=high"])
     with pytest.raises(SettingsError):
         CompareSettings(confidence_level=1.5)
+
+
+def test_all_rows_failed_raises_clear_error(tmp_path):
+    df = _simple({"A": (10, 5), "B": (8, 4)})
+    df["status"] = "error"
+    df["error"] = "cannot open"
+    path = tmp_path / "slides.csv"
+    df.to_csv(path, index=False)
+    with pytest.raises(InputError, match=r"slides\.csv: no usable rows after removing failed "
+                                         r"slides: all 4 row\(s\) excluded \(4 failed_slide\)"):
+        compare_slides(path)

@@ -51,9 +51,12 @@ def build_paired(prep: Prepared, settings, problems: Problems) -> pd.DataFrame:
     tps = prep.timepoints
     base = tps[0]
     follow = tps[1:]
-    bio = prep.biopsies.set_index(["patient", "timepoint", "marker", "metric"])
+    bio = {(r.patient, r.timepoint, r.marker, r.metric): r
+           for r in prep.biopsies.itertuples(index=False)}
     group_of = dict(zip(prep.patients["patient"], prep.patients["group"], strict=True))
-    ex = prep.excluded
+    gone_of: dict[tuple, list[tuple[str, str]]] = {}
+    for e in prep.excluded.itertuples(index=False):
+        gone_of.setdefault((e.patient, e.timepoint, e.marker), []).append((e.slide, e.kind))
     rows = []
     reported_unpaired: set = set()
     for marker in prep.markers:
@@ -68,36 +71,27 @@ def build_paired(prep: Prepared, settings, problems: Problems) -> pd.DataFrame:
                 notes: list[str] = []
                 values: dict[str, float] = {}
                 for tp in tps:
-                    key = (pid, tp, marker, metric)
-                    if key in bio.index:
-                        b = bio.loc[key]
-                        values[tp] = float(b["value"])
-                        rec[f"value_{tp}"] = float(b["value"])
-                        rec[f"n_sections_{tp}"] = int(b["n_sections"])
-                        rec[f"slides_{tp}"] = b["slides"]
-                        gone = ex[(ex["patient"] == pid) & (ex["timepoint"] == tp)
-                                  & (ex["marker"] == marker)]
-                        if len(gone):
-                            notes.append(f"{tp}: {len(gone)} section(s) excluded ("
-                                         + ", ".join(f"{s} {k}" for s, k in
-                                                     zip(gone["slide"], gone["kind"],
-                                                         strict=True)) + ")")
-                        if b["n_sections"] == 0:
-                            notes.append(f"{metric} missing in all {b['n_rows']} {tp} "
-                                         "section(s)")
-                        elif b["n_sections"] < b["n_rows"]:
-                            notes.append(f"{metric} missing in {b['n_rows'] - b['n_sections']} "
-                                         f"of {b['n_rows']} {tp} sections")
+                    b = bio.get((pid, tp, marker, metric))
+                    gone = gone_of.get((pid, tp, marker), [])
+                    why = ", ".join(f"{s} {k}" for s, k in gone)
+                    if b is not None:
+                        values[tp] = float(b.value)
+                        rec[f"value_{tp}"] = float(b.value)
+                        rec[f"n_sections_{tp}"] = int(b.n_sections)
+                        rec[f"slides_{tp}"] = b.slides
+                        if gone:
+                            notes.append(f"{tp}: {len(gone)} section(s) excluded ({why})")
+                        if b.n_sections == 0:
+                            notes.append(f"{metric} missing in all {b.n_rows} {tp} section(s)")
+                        elif b.n_sections < b.n_rows:
+                            notes.append(f"{metric} missing in {b.n_rows - b.n_sections} "
+                                         f"of {b.n_rows} {tp} sections")
                     else:
                         values[tp] = np.nan
                         rec[f"value_{tp}"] = np.nan
                         rec[f"n_sections_{tp}"] = 0
                         rec[f"slides_{tp}"] = ""
-                        gone = ex[(ex["patient"] == pid) & (ex["timepoint"] == tp)
-                                  & (ex["marker"] == marker)]
-                        if len(gone):
-                            why = ", ".join(f"{s} {k}" for s, k in
-                                            zip(gone["slide"], gone["kind"], strict=True))
+                        if gone:
                             notes.append(f"no usable {tp} slide (excluded: {why})")
                         else:
                             notes.append(f"no {tp} slide")
@@ -105,7 +99,7 @@ def build_paired(prep: Prepared, settings, problems: Problems) -> pd.DataFrame:
                             reported_unpaired.add((pid, marker, tp))
                             kind = "unpaired_patient" if tp != base else "missing_baseline"
                             problems.add(kind, f"patient {pid}, {marker}: no usable {tp} biopsy"
-                                         + (f" ({why})" if len(gone) else "")
+                                         + (f" ({why})" if gone else "")
                                          + "; this patient is left out of the paired "
                                          "statistics involving " + tp, patient=pid,
                                          timepoint=tp, marker=marker)

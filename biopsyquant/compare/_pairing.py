@@ -322,6 +322,18 @@ def prepare(slides: pd.DataFrame | str | Path, *, design: pd.DataFrame | str | P
         problems.add("no_status_column", f"{sname}: no 'status' column; every row treated as "
                      "successfully scored", severity="info")
 
+    def no_rows_left(stage: str) -> None:
+        if len(df):
+            return
+        kinds = pd.Series([e["kind"] for e in excluded]).value_counts()
+        first = next((e["reason"] for e in excluded), "")
+        raise InputError(
+            f"{sname}: no usable rows {stage}: all {len(excluded)} row(s) excluded ("
+            + ", ".join(f"{n} {k}" for k, n in kinds.items()) + ")"
+            + (f"; first: {first}" if first else ""))
+
+    no_rows_left("after removing failed slides")
+
     # timepoints
     present = list(dict.fromkeys(df["timepoint"]))
     inferred = settings.timepoints is None
@@ -345,6 +357,7 @@ def prepare(slides: pd.DataFrame | str | Path, *, design: pd.DataFrame | str | P
         exclude(unknown, "unknown_timepoint",
                 lambda r: f"slide {r['slide']}: timepoint {r['timepoint']!r} is not one of "
                 f"{timepoints} (--timepoints); excluded")
+        no_rows_left(f"with timepoints {timepoints}")
         for t in timepoints:
             if not (df["timepoint"] == t).any():
                 problems.add("timepoint_absent", f"timepoint {t!r} (from --timepoints) has no "
@@ -520,21 +533,29 @@ def _select_metrics(df: pd.DataFrame, sname: str, markers: list[str],
 
 
 def _aggregate(df: pd.DataFrame, metrics: dict[str, list[str]]) -> pd.DataFrame:
-    """Average replicate sections: one row per patient, timepoint, marker and metric."""
-    rows = []
-    for (pid, tp, mk), sub in df.groupby(["patient", "timepoint", "marker"], sort=False):
-        for metric in metrics.get(mk, []):
-            vals = sub[metric].to_numpy(dtype=float)
-            ok = np.isfinite(vals)
-            rows.append({
-                "patient": pid, "timepoint": tp, "marker": mk, "metric": metric,
-                "value": float(vals[ok].mean()) if ok.any() else np.nan,
-                "sd": float(vals[ok].std(ddof=1)) if ok.sum() > 1 else np.nan,
-                "n_sections": int(ok.sum()), "n_rows": int(len(sub)),
-                "slides": ";".join(sub["slide"].tolist()),
-            })
-    return pd.DataFrame(rows, columns=["patient", "timepoint", "marker", "metric", "value", "sd",
-                                       "n_sections", "n_rows", "slides"])
+    """Average replicate sections: one row per patient, timepoint, marker and metric.
+
+    ``value`` is the mean over the sections with a finite value (``n_sections`` of them),
+    ``sd`` their standard deviation (ddof 1), ``n_rows`` the number of usable slide rows.
+    """
+    cols = ["patient", "timepoint", "marker", "metric", "value", "sd", "n_sections", "n_rows",
+            "slides"]
+    keys = ["patient", "timepoint", "marker"]
+    parts = []
+    for marker, mets in metrics.items():
+        sub = df[df["marker"] == marker]
+        if sub.empty or not mets:
+            continue
+        g = sub.groupby(keys, sort=False)
+        base = pd.DataFrame({"n_rows": g.size(), "slides": g["slide"].agg(";".join)})
+        for metric in mets:
+            a = g[metric].agg(["mean", "std", "count"])
+            part = base.assign(metric=metric, value=a["mean"].astype(float),
+                               sd=a["std"].astype(float), n_sections=a["count"].astype(int))
+            parts.append(part.reset_index())
+    if not parts:
+        return pd.DataFrame(columns=cols)
+    return pd.concat(parts, ignore_index=True)[cols]
 
 
 _IMG_EXT = (".png", ".jpg", ".jpeg", ".webp", ".svg")
