@@ -588,6 +588,7 @@ def estimate_stains(
     max_angle: float = 25.0,
     min_separation: float = 15.0,
     min_pixels: int = 500,
+    min_stain_fraction: float = 0.005,
     max_pixels: int = 250_000,
     seed: int = 0,
 ) -> StainModel:
@@ -599,17 +600,18 @@ def estimate_stains(
        near-grey pixels (OD direction within ``grey_tolerance`` degrees of (1, 1, 1): black
        pen, dust, folds) are dropped.
     3. The stain plane through the origin is spanned by the two main eigenvectors of the
-       (uncentred) second-moment matrix of the OD vectors; the pixel directions in that
-       plane are measured as angles, and the ``percentile`` and ``100 - percentile``
-       percentiles of the angle give the two pure-stain directions (robust extremes).
-    4. The two vectors are named by their angle to the ``base`` preset's vectors (the
-       assignment with the smaller total angle wins).
+       (uncentred) second-moment matrix of the OD vectors; pixel directions in that plane
+       are measured as angles.
+    4. Pixels are split by the closer of the ``base`` preset's two vectors; the
+       ``percentile`` percentile of the first stain's angles and the ``100 - percentile``
+       percentile of the second's give the two pure-stain directions (Macenko's robust
+       extremes, taken per stain so that a stain covering only a few percent of the pixels —
+       nuclei in H&E muscle, sparse DAB — is estimated from its own pixels).
 
     Falls back to the preset — with the estimated background and the reason in ``source``,
-    e.g. ``"preset:H-DAB (estimation failed: too few DAB pixels (12 of 40000))"`` — when
-    there are fewer than ``min_pixels`` usable pixels, when either stain has too few pixels
-    (closer to its preset vector than to the other's) for its percentile to fall inside it,
-    when an estimated vector is more than ``max_angle`` degrees from its preset, or when the
+    e.g. ``"preset:H-DAB (estimation failed: too few DAB pixels (12 of 40000; need 200))"``
+    — when there are fewer than ``min_pixels`` usable pixels, when either stain has fewer
+    than ``max(min_pixels / 5, min_stain_fraction * n)`` pixels, when an estimated vector is more than ``max_angle`` degrees from its preset, or when the
     two are less than ``min_separation`` degrees apart.
 
     Parameters
@@ -632,6 +634,8 @@ def estimate_stains(
         Smallest plausible angle (degrees) between the two estimated vectors.
     min_pixels : int
         Minimum number of usable pixels.
+    min_stain_fraction : float
+        Minimum fraction of the usable pixels that each stain must have (0.5 %).
     max_pixels : int
         At most this many pixels are used (random subsample, ``seed``).
     seed : int
@@ -672,10 +676,10 @@ def estimate_stains(
     if n < min_pixels:
         return fallback(f"too few stained tissue pixels ({n}; need {min_pixels})")
 
-    # enough pixels of each stain for the percentile extremes to fall inside it?
+    # split the pixels by the closer preset vector; each stain needs enough pixels
     r0, r1 = ref.vectors[0], ref.vectors[1]
     closer1 = (od @ r1) > (od @ r0)
-    need = max(min_pixels // 5, int(np.ceil(2 * percentile / 100 * n)))
+    need = max(min_pixels // 5, int(np.ceil(min_stain_fraction * n)))
     for name, count in ((ref.names[0], int(n - closer1.sum())), (ref.names[1], int(closer1.sum()))):
         if count < need:
             return fallback(f"too few {_DISPLAY.get(name, name)} pixels ({count} of {n}; need {need})")
@@ -685,19 +689,21 @@ def estimate_stains(
     e1, e2 = vecs[:, 2], vecs[:, 1]
     if e1.sum() < 0:
         e1 = -e1
+    if np.arctan2(r0 @ e2, r0 @ e1) > np.arctan2(r1 @ e2, r1 @ e1):
+        e2 = -e2  # orient the plane so that the first stain has the smaller angle
     proj = od @ np.stack([e1, e2], axis=1)
     phi = np.arctan2(proj[:, 1], proj[:, 0])
-    lo, hi = np.percentile(phi, [percentile, 100 - percentile])
+    # robust extreme of each stain's own pixels (Macenko's percentiles, taken per stain so that
+    # a stain covering only a few percent of the pixels is still estimated from its own pixels)
+    lo = np.percentile(phi[~closer1], percentile)
+    hi = np.percentile(phi[closer1], 100 - percentile)
     cand = []
     for a in (lo, hi):
         v = np.cos(a) * e1 + np.sin(a) * e2
         if v.sum() < 0:
             v = -v
         cand.append(v / np.linalg.norm(v))
-    a, b = cand
-    keep = _angle_deg(a, r0) + _angle_deg(b, r1)
-    swap = _angle_deg(b, r0) + _angle_deg(a, r1)
-    v0, v1 = (a, b) if keep <= swap else (b, a)
+    v0, v1 = cand
     ang0, ang1 = _angle_deg(v0, r0), _angle_deg(v1, r1)
     for name, ang in ((ref.names[0], ang0), (ref.names[1], ang1)):
         if ang > max_angle:
