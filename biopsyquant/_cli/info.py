@@ -158,6 +158,9 @@ def _fmt_text(d: dict) -> str:
         lines.append(f"  mpp warning   {d['mpp_warning']}")
     if d.get("objective_power"):
         lines.append(f"  objective     {d['objective_power']:g}x")
+    assoc = d.get("metadata", {}).get("associated_images")
+    if assoc:
+        lines.append(f"  other images  {', '.join(map(str, assoc))} (not analysed)")
     for n in d.get("notes", []):
         lines.append(f"  note          {n}")
     if "analysis_error" in d:
