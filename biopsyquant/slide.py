@@ -384,6 +384,7 @@ class _TiffBackend(_Backend):
         self._lock = threading.Lock()
         self._zarr: dict[int, Any] = {}
         self._executor: Any = None
+        self._tile_pages: dict[int, Any] = {}
         self._stores: list[Any] = []
         with _reading(path, "not a readable TIFF file"):
             self.tif = tifffile.TiffFile(path)
@@ -640,6 +641,16 @@ class _TiffBackend(_Backend):
 
     def _tile_page(self, level: int) -> Any:
         """The level's single contiguous tiled page when tiles can be decoded directly."""
+        with self._lock:
+            if level in self._tile_pages:
+                return self._tile_pages[level]
+            page = self._find_tile_page(level)
+            if page is not None:
+                page.init_decode()  # tifffile: build the decoder once, before threads use it
+            self._tile_pages[level] = page
+            return page
+
+    def _find_tile_page(self, level: int) -> Any:
         import tifffile
 
         lv = self.levels_series[level]
@@ -1397,6 +1408,18 @@ def _import_openslide() -> Any:
     return openslide
 
 
+def _openslide_fallback(path: str) -> _Backend | None:
+    openslide = _import_openslide()
+    if openslide is None:
+        return None
+    try:
+        if openslide.OpenSlide.detect_format(path) is None:
+            return None
+        return _OpenSlideBackend(path, openslide)
+    except Exception:  # noqa: BLE001 - keep the tifffile error, which is more specific
+        return None
+
+
 def open_slide(
     path: str | os.PathLike,
     *,
@@ -1456,7 +1479,13 @@ def open_slide(
 
     backend: _Backend
     if head[:4] in _TIFF_MAGIC:
-        backend = _TiffBackend(spath, max_pixels=int(max_pixels), maxworkers=int(maxworkers))
+        try:
+            backend = _TiffBackend(spath, max_pixels=int(max_pixels), maxworkers=int(maxworkers))
+        except SlideError:
+            # a TIFF-based scanner format tifffile cannot decode may still be OpenSlide's
+            backend = _openslide_fallback(spath)
+            if backend is None:
+                raise
     elif head.startswith(_PNG_MAGIC):
         backend = _ImageBackend(spath, "png", max_pixels=int(max_pixels))
     elif head.startswith(_JPEG_MAGIC):
@@ -1476,6 +1505,7 @@ def open_slide(
                 p, "not an image biopsyquant or OpenSlide can read (unrecognised format)"
             )
         backend = _OpenSlideBackend(spath, openslide)
+    if isinstance(backend, _OpenSlideBackend):
         h0, w0 = backend.shapes[0]
         if h0 * w0 > MAX_DECLARED_PIXELS:
             backend.close()

@@ -741,3 +741,37 @@ def test_uncompressed_ycbcr_converted_to_rgb(tmp_path):
         assert "YCbCr" in s.conversion
         out = s.read_level(0).astype(int)
     assert np.abs(out - img).max() <= 2
+
+
+def test_openslide_fallback_for_tiff_tifffile_cannot_decode(tmp_path, realdata, monkeypatch):
+    """A TIFF tifffile refuses is handed to OpenSlide when OpenSlide recognises it."""
+    import shutil
+    import types
+
+    import biopsyquant.slide as slide_mod
+
+    class FakeOS:
+        def __init__(self, path):
+            self.properties = {}
+            self.level_dimensions = [(1, 1)]
+            self.level_downsamples = [1.0]
+
+        @staticmethod
+        def detect_format(path):
+            return "generic-tiff"
+
+        def read_region(self, loc, level, size):
+            return np.full((size[1], size[0], 4), (10, 20, 30, 255), np.uint8)
+
+        def close(self):
+            pass
+
+    p = tmp_path / "u.tiff"
+    shutil.copy(realdata / FIX / "openslide_python_unopenable.tiff", p)
+    monkeypatch.setattr(slide_mod, "_import_openslide", lambda: types.SimpleNamespace(OpenSlide=FakeOS))
+    with _open_quiet(p) as s:
+        assert s.format == "openslide" and s.mpp is None
+        np.testing.assert_array_equal(s.read_region(0, 0, 1, 1)[0, 0], (10, 20, 30))
+    FakeOS.detect_format = staticmethod(lambda path: None)
+    with pytest.raises(SlideError, match="compression scheme 52479"):
+        open_slide(p)
