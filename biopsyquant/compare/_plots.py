@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib import patheffects
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -108,12 +109,13 @@ def slope_figure(paired: pd.DataFrame, *, marker: str, metric: str, timepoints: 
     ax = fig.add_subplot()
     x = np.arange(len(timepoints), dtype=float)
     rng = np.random.default_rng(0)
+    alpha = float(np.clip(2.2 / np.sqrt(max(len(sub), 1)), 0.15, 0.6))
     for _, r in sub.iterrows():
         y = np.array([r[f"value_{tp}"] for tp in timepoints], dtype=float)
         jit = rng.uniform(-0.04, 0.04)
         c = colors.get(r["group"], NO_GROUP)
         ok = np.isfinite(y)
-        ax.plot(x[ok] + jit, y[ok], "-o", color=c, alpha=0.55, lw=1.2, ms=4.5)
+        ax.plot(x[ok] + jit, y[ok], "-o", color=c, alpha=alpha, lw=1.2, ms=4.5)
     handles = []
     for g in [*groups, ""]:
         gs = sub[sub["group"] == g]
@@ -123,7 +125,9 @@ def slope_figure(paired: pd.DataFrame, *, marker: str, metric: str, timepoints: 
                if gs[f"value_{tp}"].notna().any() else np.nan for tp in timepoints]
         c = colors[g]
         if groups:
-            ax.plot(x, med, "-", color=c, lw=3.2, alpha=0.95, solid_capstyle="round")
+            ax.plot(x, med, "-", color=c, lw=3.2, alpha=0.95, solid_capstyle="round", zorder=5,
+                    path_effects=[patheffects.Stroke(linewidth=5.5, foreground="white"),
+                                  patheffects.Normal()])
         label = f"{g or 'no group'} (n={len(gs)})"
         handles.append(Line2D([0], [0], color=c, lw=2.5, label=label))
     ax.set_xticks(x, timepoints)
