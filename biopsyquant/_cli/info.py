@@ -222,9 +222,20 @@ def run(args: argparse.Namespace) -> int:
             print(_fmt_text(d))
             sys.stdout.flush()
     if args.json:
-        print(json.dumps(results, indent=2, ensure_ascii=False, allow_nan=False,
+        print(json.dumps(_finite(results), indent=2, ensure_ascii=False, allow_nan=False,
                          default=_json_default))
     return 1 if failed else 0
+
+
+def _finite(o: Any) -> Any:
+    """Replace NaN/inf by None (JSON has no NaN) throughout nested lists/dicts."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
 
 
 def _json_default(o: Any) -> Any:
