@@ -465,19 +465,22 @@ def dab_classes(rgb: np.ndarray, model: StainModel, thresholds=(0.2, 0.4, 0.6),
 # ------------------------------------------------------------------------------------------
 def _sample_pixels(rgb: np.ndarray, mask: np.ndarray | None, max_pixels: int,
                    seed: int = 0) -> np.ndarray:
-    """(n, 3) uint8 pixels of ``rgb`` (where ``mask``), at most ``max_pixels``, reproducibly."""
+    """(n, 3) uint8 pixels of ``rgb`` (where ``mask``), at most about ``max_pixels``.
+
+    Without a mask: a regular grid (every k-th row and column); with a mask: a reproducible
+    random draw (with replacement) among the mask's pixels.
+    """
     h, w = rgb.shape[:2]
     if mask is None:
         n = h * w
         if n <= max_pixels:
             return rgb.reshape(-1, 3)
-        rng = np.random.default_rng(seed)
-        idx = np.sort(rng.choice(n, size=max_pixels, replace=False))
-        return rgb.reshape(-1, 3)[idx] if rgb.flags.c_contiguous else rgb[idx // w, idx % w]
+        k = int(np.ceil(np.sqrt(n / max_pixels)))
+        return rgb[k // 2 :: k, k // 2 :: k].reshape(-1, 3)
     flat = np.flatnonzero(mask)
     if flat.size > max_pixels:
         rng = np.random.default_rng(seed)
-        flat = np.sort(rng.choice(flat, size=max_pixels, replace=False))
+        flat = np.sort(flat[rng.integers(0, flat.size, size=max_pixels)])
     return rgb[flat // w, flat % w]
 
 
@@ -513,7 +516,7 @@ def estimate_background(
         Fewer glass pixels than this means "no glass": a warning is issued and ``default``
         returned for every channel.
     max_pixels : int
-        Pixels sampled (reproducibly) from large images.
+        At most about this many pixels are used (regular grid / reproducible draw).
     default : float
         Fallback intensity when no glass is visible (e.g. a camera field inside the tissue).
 
@@ -637,9 +640,10 @@ def estimate_stains(
     min_stain_fraction : float
         Minimum fraction of the usable pixels that each stain must have (0.5 %).
     max_pixels : int
-        At most this many pixels are used (random subsample, ``seed``).
+        At most about this many pixels are used (a regular grid, or a random draw with
+        ``seed`` among the ``tissue_mask`` pixels).
     seed : int
-        Seed of the subsample.
+        Seed of the random draw.
 
     Returns
     -------
