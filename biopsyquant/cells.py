@@ -1,0 +1,647 @@
+"""Positive-cell detection and counting (CD163 macrophages, nuclear markers such as Ki-67).
+
+The engine follows QuPath's *positive cell detection*, with every size in µm and every
+threshold in log10 OD relative to the slide background:
+
+1. **detection image**: hematoxylin OD, DAB OD, or their sum (``detection_channel``), smoothed
+   with a Gaussian of ``smoothing_sigma_um``; a grey opening of ``background_radius_um``
+   (structures narrower than that survive) is subtracted so that slowly varying non-specific
+   stain and illumination residue are not cells;
+2. **foreground**: detection image > ``detection_threshold_od`` inside the analysed mask;
+3. **splitting touching cells**: markers at the local maxima of the smoothed distance transform
+   (at least ``cell_min_diameter_um`` apart; markers joined without a neck are merged), every
+   foreground pixel assigned to the nearest marker of its blob;
+4. objects outside ``min_area_um2`` – ``max_area_um2`` are dropped; the **cell** is the object
+   grown by ``cell_expansion_um`` (nearest object wins); the **cytoplasm** is cell − object;
+5. **DAB is measured** in ``compartment`` (``"nucleus"`` = the detected object, ``"cytoplasm"``,
+   ``"cell"``) and each cell is graded 0 (negative) / 1+ / 2+ / 3+ at
+   ``dab_threshold_1_od`` / ``_2_od`` / ``_3_od`` (QuPath defaults 0.2 / 0.4 / 0.6).
+
+The CD163 preset detects on hematoxylin + DAB (a macrophage is a DAB-stained cell body around
+its nucleus) with markers 8–20 µm apart; DAB-negative interstitial nuclei and myonuclei are
+detected too and kept as negative cells. The Ki-67 preset detects nuclei on hematoxylin + DAB
+and measures nuclear DAB.
+
+:func:`measure` runs on an image or a tile (objects in tile pixel coordinates; the caller keeps
+the cells whose centroid lies in the tile's owned core) and :func:`summarize` computes every
+slide-level number from the concatenated cell table (clusters, densities, H-score, Allred,
+JDM-style level), so whole and tiled scoring agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from . import _cells_detect as _d
+from .errors import InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .score import ImageContext, Measurements
+
+__all__ = ["CellParams", "detect_cells", "grade_cells", "find_clusters", "measure", "summarize",
+           "CELL_COLUMNS", "COMPARTMENT_NAMES"]
+
+DETECTION_CHANNELS = ("hematoxylin", "dab", "od_sum", "dab+hematoxylin")
+COMPARTMENTS = ("nucleus", "cytoplasm", "cell")
+SPLIT_MODES = ("shape", "shape+intensity", "shape+hematoxylin")
+POSITIVITY_RULES = ("mean", "fraction", "mean_and_fraction")
+
+#: compartment code -> name reported for a cell (vessel counts as perivascular)
+COMPARTMENT_NAMES = {0: "outside", 1: "fiber", 2: "endomysium", 3: "perimysium",
+                     4: "perivascular", 5: "perivascular"}
+
+#: columns of the table returned by :func:`detect_cells`
+CELL_COLUMNS = ("cell_id", "x_px", "y_px", "area_px", "area_um2", "diameter_um",
+                "object_area_um2", "dab_mean_od", "dab_max_od", "dab_positive_fraction",
+                "dab_contrast_od", "hema_mean_od", "nucleus_dab_mean_od", "cell_dab_mean_od", "grade", "positive")
+
+
+@dataclass(frozen=True)
+class CellParams:
+    """Parameters of positive-cell detection (sizes in µm, OD in log10 units).
+
+    Attributes
+    ----------
+    detection_channel : str
+        Image the cells are found on: ``"hematoxylin"`` (nuclei, QuPath's default), ``"dab"``,
+        ``"od_sum"`` (hematoxylin + DAB OD: nuclei of a nuclear marker whether stained or
+        not) or ``"dab+hematoxylin"`` (two passes for cytoplasmic/membranous markers such as
+        CD163: DAB-stained cell bodies on the DAB OD, then hematoxylin nuclei outside them,
+        which become negative cells).
+    background_radius_um : float
+        Radius of the grey opening subtracted from the detection image (QuPath: 8 µm);
+        0 disables background subtraction.
+    smoothing_sigma_um : float
+        Gaussian smoothing of the detection image (QuPath: 1.5 µm).
+    detection_threshold_od : float
+        Foreground threshold on the smoothed, background-subtracted detection image (OD);
+        for ``"dab+hematoxylin"`` the threshold of the hematoxylin (nucleus) pass.
+    dab_detection_threshold_od : float
+        ``"dab+hematoxylin"`` only: foreground threshold of the DAB (stained cell) pass, below
+        the 1+ grade so that weakly stained cells are found and then graded.
+    nucleus_exclusion_um : float
+        ``"dab+hematoxylin"`` only: nuclei are searched this far outside stained cells.
+    fill_holes_um2 : float
+        Holes up to this area in the foreground are filled (an unstained nucleus inside a
+        membranous/cytoplasmic DAB cell); 0 = keep holes.
+    split_touching : bool
+        Split touching cells at distance-transform necks.
+    split_sigma_um : float
+        Smoothing of the distance transform used to place one marker per cell.
+    split_merge_ratio : float
+        Two markers stay one cell when the distance transform between them never drops below
+        this fraction of the smaller marker's value (no neck); 0 = never merge.
+    split_by : str
+        Marker function for splitting: ``"shape"`` (distance transform; QuPath's "split by
+        shape") or ``"shape+intensity"`` (distance × smoothed stain, separates dark nuclei
+        that touch without a neck) or ``"shape+hematoxylin"`` (distance × smoothed
+        hematoxylin: one marker per nucleus, for cytoplasmic/membranous markers whose stained
+        cell bodies overlap).
+    split_hematoxylin_floor_od : float
+        Added to the hematoxylin weight so that cells without a visible nucleus still get a
+        marker from their shape.
+    refine_levels : int
+        Objects larger than ``max_area_um2`` (cells merged in densely stained tissue) are
+        re-thresholded at their own Otsu level and split again, up to this many times
+        (0 = drop them).
+    cell_min_diameter_um, cell_max_diameter_um : float
+        Expected cell diameter range (CD163 macrophages 8–20 µm). Markers closer than the
+        minimum are one cell; only markers closer than the maximum are tested for merging.
+    min_area_um2, max_area_um2 : float
+        Area limits of a detected object (QuPath nucleus defaults 10–400 µm²).
+    cell_expansion_um : float
+        Growth of each object into a cell (QuPath: 5 µm); defines the cytoplasm ring.
+    compartment : str
+        Where DAB is measured for grading: ``"nucleus"`` (the detected object), ``"cytoplasm"``
+        (the ring around it) or ``"cell"`` (both).
+    dab_threshold_1_od, dab_threshold_2_od, dab_threshold_3_od : float
+        Grade thresholds on the compartment's mean DAB OD (1+, 2+, 3+).
+    positivity : str
+        ``"mean"``: positive when the mean DAB ≥ threshold 1; ``"fraction"``: when at least
+        ``min_dab_fraction`` of the compartment's pixels have DAB ≥ threshold 1;
+        ``"mean_and_fraction"``: both.
+    min_dab_contrast_od : float
+        A positive cell's mean DAB above its local background (the grey opening of
+        ``background_radius_um``) must reach this; rejects broad faint non-specific DAB
+        (0 = off).
+    min_dab_fraction : float
+        Fraction (0–1) used by the ``fraction`` rules.
+    cluster_min_cells : int
+        Positive cells in a cluster (JDM score tool: ≥ 10).
+    cluster_distance_um : float
+        Positive cells closer than this (centre to centre) are linked into one cluster.
+    hpf_area_mm2 : float
+        Area of one high-power field (40× objective, field number 22: 0.237 mm²).
+    jdm_cells_per_hpf : float
+        JDM-style level 1 threshold (mean positive cells per HPF).
+    jdm_diffuse_cells_per_hpf : float
+        Mean positive cells per HPF from which the infiltrate is called diffuse (level 4).
+    """
+
+    detection_channel: str = "hematoxylin"
+    background_radius_um: float = 8.0
+    smoothing_sigma_um: float = 1.5
+    detection_threshold_od: float = 0.1
+    dab_detection_threshold_od: float = 0.12
+    nucleus_exclusion_um: float = 1.0
+    fill_holes_um2: float = 0.0
+    min_dab_contrast_od: float = 0.0
+    split_touching: bool = True
+    split_sigma_um: float = 1.0
+    split_merge_ratio: float = 0.75
+    refine_levels: int = 2
+    split_by: str = "shape"
+    split_hematoxylin_floor_od: float = 0.1
+    cell_min_diameter_um: float = 5.0
+    cell_max_diameter_um: float = 25.0
+    min_area_um2: float = 10.0
+    max_area_um2: float = 400.0
+    cell_expansion_um: float = 5.0
+    compartment: str = "nucleus"
+    dab_threshold_1_od: float = 0.2
+    dab_threshold_2_od: float = 0.4
+    dab_threshold_3_od: float = 0.6
+    positivity: str = "mean"
+    min_dab_fraction: float = 0.0
+    cluster_min_cells: int = 10
+    cluster_distance_um: float = 25.0
+    hpf_area_mm2: float = 0.237
+    jdm_cells_per_hpf: float = 4.0
+    jdm_diffuse_cells_per_hpf: float = 25.0
+
+    def __post_init__(self) -> None:
+        if self.detection_channel not in DETECTION_CHANNELS:
+            raise ValueError(f"detection_channel must be one of {DETECTION_CHANNELS}, "
+                             f"got {self.detection_channel!r}")
+        if self.compartment not in COMPARTMENTS:
+            raise ValueError(f"compartment must be one of {COMPARTMENTS}, got {self.compartment!r}")
+        if self.split_by not in SPLIT_MODES:
+            raise ValueError(f"split_by must be one of {SPLIT_MODES}, got {self.split_by!r}")
+        if self.positivity not in POSITIVITY_RULES:
+            raise ValueError(f"positivity must be one of {POSITIVITY_RULES}, "
+                             f"got {self.positivity!r}")
+        if not (self.dab_threshold_1_od <= self.dab_threshold_2_od <= self.dab_threshold_3_od):
+            raise ValueError("DAB thresholds must satisfy dab_threshold_1_od <= _2_od <= _3_od, got "
+                             f"{self.dab_threshold_1_od}, {self.dab_threshold_2_od}, "
+                             f"{self.dab_threshold_3_od}")
+        for name in ("background_radius_um", "smoothing_sigma_um", "split_sigma_um",
+                     "cell_expansion_um", "min_area_um2", "split_merge_ratio"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        for name in ("cell_min_diameter_um", "cell_max_diameter_um", "max_area_um2",
+                     "cluster_distance_um", "hpf_area_mm2"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.cell_min_diameter_um > self.cell_max_diameter_um:
+            raise ValueError("cell_min_diameter_um must not exceed cell_max_diameter_um")
+        if self.min_area_um2 > self.max_area_um2:
+            raise ValueError("min_area_um2 must not exceed max_area_um2")
+        if not 0 <= self.min_dab_fraction <= 1:
+            raise ValueError(f"min_dab_fraction must be in [0, 1], got {self.min_dab_fraction}")
+        if self.cluster_min_cells < 2:
+            raise ValueError(f"cluster_min_cells must be ≥ 2, got {self.cluster_min_cells}")
+
+    @property
+    def thresholds(self) -> tuple[float, float, float]:
+        """(1+, 2+, 3+) DAB thresholds in OD."""
+        return (self.dab_threshold_1_od, self.dab_threshold_2_od, self.dab_threshold_3_od)
+
+
+def _check_od(name: str, a: np.ndarray, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim != 2:
+        raise InputError(f"`{name}` must be a 2-D OD map (H, W), got shape {a.shape}")
+    if shape is not None and a.shape != shape:
+        raise InputError(f"`{name}` has shape {a.shape}, `hema_od` has {shape}")
+    if not np.issubdtype(a.dtype, np.floating):
+        raise InputError(f"`{name}` must be a float OD map, got {a.dtype}")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def grade_cells(mean_od: np.ndarray, positive_fraction: np.ndarray, params: CellParams, *,
+                contrast: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Grade (0–3) and positivity of cells from their compartment's DAB.
+
+    Parameters
+    ----------
+    mean_od : ndarray of float
+        Mean DAB OD of the measured compartment per cell.
+    positive_fraction : ndarray of float
+        Fraction of the compartment's pixels with DAB ≥ ``dab_threshold_1_od``.
+    params : CellParams
+    contrast : ndarray of float, optional
+        Mean background-subtracted DAB of the cell; cells below ``min_dab_contrast_od`` are
+        negative (faint non-specific DAB blotches are not cells).
+
+    Returns
+    -------
+    grade : ndarray of int8
+        0 negative, 1 (1+), 2 (2+), 3 (3+) from the mean OD; a cell positive only by the
+        fraction rule is graded 1+.
+    positive : ndarray of bool
+    """
+    mean_od = np.asarray(mean_od, float)
+    t1, t2, t3 = params.thresholds
+    by_mean = mean_od >= t1
+    by_frac = (np.asarray(positive_fraction, float) >= params.min_dab_fraction) & \
+        (np.asarray(positive_fraction, float) > 0)
+    if params.positivity == "mean":
+        positive = by_mean
+    elif params.positivity == "fraction":
+        positive = by_frac
+    else:
+        positive = by_mean & by_frac
+    if contrast is not None and params.min_dab_contrast_od > 0:
+        positive = positive & (np.nan_to_num(np.asarray(contrast, float), nan=0.0)
+                               >= params.min_dab_contrast_od)
+    grade = (mean_od >= t1).astype(np.int8) + (mean_od >= t2) + (mean_od >= t3)
+    grade = np.where(positive, np.maximum(grade, 1), 0).astype(np.int8)
+    return grade, positive
+
+
+def _split_intensity(params: CellParams, det: np.ndarray, hema: np.ndarray, um: float
+                     ) -> np.ndarray | None:
+    """Weight of the distance transform for marker finding (None = shape only)."""
+    sigma = 0.25 * params.cell_min_diameter_um * um
+    if params.split_by == "shape+intensity":
+        return _d.gaussian(det, sigma)
+    if params.split_by == "shape+hematoxylin":
+        w = _d.gaussian(np.maximum(hema, 0), sigma)
+        w += np.float32(params.split_hematoxylin_floor_od)
+        return w
+    return None
+
+
+def _segment(channel: np.ndarray, mask: np.ndarray | None, threshold: float, *,
+             params: CellParams, um: float, px_area_um2: float, hema: np.ndarray,
+             split_kwargs: dict) -> np.ndarray:
+    """Smooth, background-subtract, threshold and split one detection channel -> labels."""
+    det = np.maximum(channel, 0)
+    det = _d.gaussian(det, params.smoothing_sigma_um * um)
+    det = _d.background_subtract(det, params.background_radius_um * um)
+    fg = _d.foreground(det, threshold, mask)
+    if params.fill_holes_um2 > 0:
+        fg = _d.fill_holes(fg, params.fill_holes_um2 / px_area_um2)
+    kw = dict(split_kwargs, intensity=_split_intensity(params, det, hema, um))
+    labels = _d.split_objects(fg, **kw)
+    del fg
+    labels = _d.refine_large(labels, det, max_area_px=params.max_area_um2 / px_area_um2,
+                             levels=params.refine_levels, split_kwargs=kw)
+    return labels, det
+
+
+def _empty_table() -> pd.DataFrame:
+    dtypes = {"cell_id": np.int64, "grade": np.int8, "positive": bool, "area_px": np.int64}
+    return pd.DataFrame({c: pd.Series(dtype=dtypes.get(c, np.float64)) for c in CELL_COLUMNS})
+
+
+def detect_cells(
+    hema_od: np.ndarray,
+    dab_od: np.ndarray,
+    *,
+    mpp: float,
+    params: CellParams | None = None,
+    mask: np.ndarray | None = None,
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Detect cells, split touching ones, measure DAB and grade each cell.
+
+    Parameters
+    ----------
+    hema_od, dab_od : ndarray of float, (H, W)
+        Hematoxylin and DAB concentration, log10 OD relative to the background.
+    mpp : float
+        Pixel size (µm/px) used to convert the µm parameters (use the assumed size when the
+        true one is unknown; physical columns are then the caller's to blank).
+    params : CellParams, optional
+        Detection parameters (default ``CellParams()``).
+    mask : ndarray of bool, (H, W), optional
+        Where cells may be (analysed tissue); None = everywhere.
+
+    Returns
+    -------
+    cells : DataFrame
+        One row per cell, columns :data:`CELL_COLUMNS`: ``cell_id`` (= its label), centroid
+        ``x_px``/``y_px`` (column/row, image pixels), ``area_px``/``area_um2`` of the detected
+        object, ``diameter_um`` (equivalent circle), ``dab_mean_od`` (mean DAB of the graded
+        compartment), ``dab_max_od`` (object maximum of the smoothed DAB),
+        ``dab_positive_fraction``, ``hema_mean_od`` (object), ``nucleus_dab_mean_od`` and
+        ``cell_dab_mean_od``, ``grade`` (0–3) and ``positive``.
+    labels : ndarray of int32, (H, W)
+        Object labels (value = ``cell_id``; 0 = no cell).
+
+    Raises
+    ------
+    InputError
+        Arrays of the wrong shape or type, or an invalid pixel size.
+    """
+    params = params or CellParams()
+    hema = _check_od("hema_od", hema_od)
+    dab = _check_od("dab_od", dab_od, hema.shape)
+    if mpp is None or not (np.isfinite(mpp) and mpp > 0):
+        raise InputError(f"detect_cells needs a positive pixel size `mpp` (µm/px), got {mpp!r}")
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.shape != hema.shape:
+            raise InputError(f"`mask` has shape {mask.shape}, `hema_od` has {hema.shape}")
+        mask = np.ascontiguousarray(mask, dtype=bool)
+    um = 1.0 / float(mpp)  # px per µm
+    px_area_um2 = float(mpp) ** 2
+
+    split_kwargs = dict(min_diameter_px=params.cell_min_diameter_um * um,
+                        max_diameter_px=params.cell_max_diameter_um * um,
+                        sigma_px=params.split_sigma_um * um,
+                        merge_ratio=params.split_merge_ratio, split=params.split_touching)
+    seg = dict(params=params, um=um, px_area_um2=px_area_um2, hema=hema,
+               split_kwargs=split_kwargs)
+    channel = params.detection_channel
+    if channel == "dab+hematoxylin":
+        # pass 1: DAB-stained cell bodies (markers weighted by hematoxylin: one per nucleus)
+        labels, dab_det = _segment(dab, mask, params.dab_detection_threshold_od, **seg)
+        # pass 2: hematoxylin nuclei outside the stained cells -> (negative) cells
+        free = (labels == 0).view(np.uint8)
+        gap = int(round(params.nucleus_exclusion_um * um))
+        if gap > 0:
+            free = cv2.erode(free, cv2.getStructuringElement(
+                cv2.MORPH_ELLIPSE, (2 * gap + 1, 2 * gap + 1)))
+        free = free.view(bool) if mask is None else (free.view(bool) & mask)
+        nuclei, _ = _segment(hema, free, params.detection_threshold_od, **seg)
+        na = int(labels.max())
+        labels = np.where(nuclei > 0, nuclei + na, labels).astype(np.int32)
+        del nuclei, free
+    else:
+        det = {"hematoxylin": hema, "dab": dab}.get(channel)
+        if det is None:  # optical density sum
+            det = hema + dab
+        labels, det = _segment(det, mask, params.detection_threshold_od, **seg)
+        dab_det = det if channel == "dab" else None
+        del det
+    if dab_det is None and params.min_dab_contrast_od > 0:
+        dab_det = _d.background_subtract(
+            _d.gaussian(np.maximum(dab, 0), params.smoothing_sigma_um * um),
+            params.background_radius_um * um)
+    n = int(labels.max()) if labels.size else 0
+    if n == 0:
+        return _empty_table(), np.zeros(hema.shape, np.int32)
+
+    dab_s = _d.gaussian(dab, 0.5 * um) if um > 2 else dab
+    t1 = np.float32(params.dab_threshold_1_od)
+    idx = np.flatnonzero(labels.ravel())
+    values = {"dab": dab, "hema": hema, "dabpos": (dab >= t1).view(np.uint8)}
+    if dab_det is not None:
+        values["dabc"] = dab_det
+    st = _d.object_stats(labels, n, values, idx)
+    lab_o = labels.ravel()[idx]
+    dmax = np.zeros(n + 1, np.float32)
+    np.maximum.at(dmax, lab_o, dab_s.ravel()[idx])
+
+    # area filter on the detected objects
+    area_px = st["count"]
+    keep = (area_px * px_area_um2 >= params.min_area_um2) & \
+        (area_px * px_area_um2 <= params.max_area_um2)
+    keep[0] = False
+    relabel = np.zeros(n + 1, np.int32)
+    relabel[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    labels = relabel[labels]
+    kept = np.flatnonzero(keep)
+    m = len(kept)
+    if m == 0:
+        return _empty_table(), np.zeros(hema.shape, np.int32)
+
+    cnt = area_px[kept]
+    nuc_dab = st["sum_dab"][kept] / cnt
+    nuc_pos = st["sum_dabpos"][kept] / cnt
+    need_cell = params.cell_expansion_um > 0 and params.compartment in ("cytoplasm", "cell")
+    if need_cell:
+        cells_lab = _d.expand_labels(labels, params.cell_expansion_um * um, mask)
+        cst = _d.object_stats(cells_lab, m, {"dab": dab, "dabpos": (dab >= t1).view(np.uint8)})
+        ccount = cst["count"][1:]
+        cell_dab = cst["sum_dab"][1:] / np.maximum(ccount, 1)
+        cell_pos = cst["sum_dabpos"][1:] / np.maximum(ccount, 1)
+        ring = np.maximum(ccount - cnt, 0)
+        cyto_dab = np.where(ring > 0, (cst["sum_dab"][1:] - st["sum_dab"][kept]) /
+                            np.maximum(ring, 1), np.nan)
+        cyto_pos = np.where(ring > 0, (cst["sum_dabpos"][1:] - st["sum_dabpos"][kept]) /
+                            np.maximum(ring, 1), 0.0)
+    else:
+        cell_dab, cell_pos = nuc_dab, nuc_pos
+        cyto_dab, cyto_pos = np.full(m, np.nan), np.zeros(m)
+    if params.compartment == "nucleus":
+        meas, frac = nuc_dab, nuc_pos
+    elif params.compartment == "cell":
+        meas, frac = cell_dab, cell_pos
+    else:
+        meas, frac = np.nan_to_num(cyto_dab, nan=0.0), cyto_pos
+    contrast = st["sum_dabc"][kept] / cnt if dab_det is not None else np.full(m, np.nan)
+    grade, positive = grade_cells(meas, frac, params, contrast=contrast)
+    area_um2 = cnt * px_area_um2
+    table = pd.DataFrame({
+        "cell_id": np.arange(1, m + 1, dtype=np.int64),
+        "x_px": st["sum_x"][kept] / cnt,
+        "y_px": st["sum_y"][kept] / cnt,
+        "area_px": cnt.astype(np.int64),
+        "area_um2": area_um2,
+        "diameter_um": 2.0 * np.sqrt(area_um2 / np.pi),
+        "object_area_um2": area_um2,
+        "dab_mean_od": meas.astype(np.float64),
+        "dab_max_od": dmax[kept].astype(np.float64),
+        "dab_positive_fraction": frac.astype(np.float64),
+        "dab_contrast_od": contrast,
+        "hema_mean_od": st["sum_hema"][kept] / cnt,
+        "nucleus_dab_mean_od": nuc_dab,
+        "cell_dab_mean_od": cell_dab,
+        "grade": grade,
+        "positive": positive,
+    })
+    return table, labels
+
+
+# ----------------------------------------------------------------------------------------------
+# engine halves
+
+
+def measure(ctx: ImageContext) -> Measurements:
+    """Detect and measure cells on one image or tile (the ``measure`` half of the engine).
+
+    Cells are searched in ``ctx.analysed``; each cell gets its ``compartment`` (code under the
+    centroid; vessel counts as perivascular) and the ``fiber_id`` of the enclosing fiber or the
+    nearest one within ``cell_max_diameter_um`` (0 = none). Positions are in the image's pixel
+    coordinates; the caller keeps the cells whose centroid is in the owned core.
+    """
+    from .score import Measurements
+
+    params: CellParams = ctx.settings.cells
+    cells, labels = detect_cells(ctx.hema_od, ctx.dab_od, mpp=ctx.size_mpp, params=params,
+                                 mask=ctx.analysed)
+    h, w = labels.shape
+    if len(cells):
+        r = np.clip(np.rint(cells["y_px"].to_numpy()).astype(np.intp), 0, h - 1)
+        c = np.clip(np.rint(cells["x_px"].to_numpy()).astype(np.intp), 0, w - 1)
+        codes = np.asarray(ctx.compartments)[r, c]
+        cells["compartment_code"] = codes.astype(np.int8)
+        cells["compartment"] = pd.Categorical(
+            [COMPARTMENT_NAMES.get(int(k), "outside") for k in codes],
+            categories=["outside", "fiber", "endomysium", "perimysium", "perivascular"])
+        fibers = np.asarray(ctx.fibers)
+        if fibers.any():
+            cells["fiber_id"] = _d.nearest_label_at(
+                fibers, r, c, params.cell_max_diameter_um / ctx.size_mpp).astype(np.int64)
+        else:
+            cells["fiber_id"] = np.zeros(len(cells), np.int64)
+    else:
+        cells["compartment_code"] = pd.Series(dtype=np.int8)
+        cells["compartment"] = pd.Series(dtype=object)
+        cells["fiber_id"] = pd.Series(dtype=np.int64)
+    if ctx.mpp is None:  # physical columns are unknown
+        for col in ("area_um2", "diameter_um", "object_area_um2"):
+            cells[col] = np.nan
+    counts = {"cells_detected_raw": int(len(cells))}
+    return Measurements(cells=cells, counts=counts, labels={"cells": labels})
+
+
+def find_clusters(xy_um: np.ndarray, *, distance_um: float, min_cells: int) -> np.ndarray:
+    """Cluster id per point (1, 2, ...; 0 = not in a cluster of ≥ ``min_cells``).
+
+    Points closer than ``distance_um`` are linked (single linkage); a connected group of at
+    least ``min_cells`` points is a cluster. Ids are ordered by decreasing size.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    xy = np.asarray(xy_um, float).reshape(-1, 2)
+    n = len(xy)
+    out = np.zeros(n, np.int64)
+    if n < min_cells:
+        return out
+    pairs = cKDTree(xy).query_pairs(distance_um, output_type="ndarray")
+    g = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, comp = connected_components(g, directed=False)
+    sizes = np.bincount(comp)
+    big = np.flatnonzero(sizes >= min_cells)
+    big = big[np.argsort(-sizes[big], kind="stable")]
+    ids = np.zeros(len(sizes), np.int64)
+    ids[big] = np.arange(1, len(big) + 1)
+    return ids[comp]
+
+
+def allred_proportion_score(positive_pct: float) -> int:
+    """Allred proportion score 0–5 from the percentage of positive cells."""
+    if not np.isfinite(positive_pct) or positive_pct <= 0:
+        return 0
+    for score, upper in ((1, 1.0), (2, 10.0), (3, 100 / 3), (4, 200 / 3)):
+        if positive_pct < upper:
+            return score
+    return 5
+
+
+def jdm_level(*, per_hpf: float, n_clusters: int, diffuse_per_hpf: float,
+              level1_per_hpf: float) -> float:
+    """JDM-biopsy-score-tool style infiltrate level (0–4) over a whole section.
+
+    The JDM tool grades CD3/CD68 per high-power field as < 4 cells, ≥ 4 cells, one cluster,
+    > 2 clusters, diffuse. Adapted to a whole-section count:
+
+    * 0: mean positive cells per HPF < ``level1_per_hpf`` and no cluster;
+    * 1: mean ≥ ``level1_per_hpf`` per HPF, no cluster;
+    * 2: one or two clusters (≥ ``cluster_min_cells`` positive cells);
+    * 3: more than two clusters;
+    * 4: diffuse — mean ≥ ``diffuse_per_hpf`` positive cells per HPF over the whole section.
+    """
+    if not np.isfinite(per_hpf):
+        return float("nan")
+    if per_hpf >= diffuse_per_hpf:
+        return 4.0
+    if n_clusters > 2:
+        return 3.0
+    if n_clusters >= 1:
+        return 2.0
+    return 1.0 if per_hpf >= level1_per_hpf else 0.0
+
+
+def summarize(*, cells: pd.DataFrame, fibers: pd.DataFrame, counts: dict, mpp: float | None,
+              settings: Any, areas_mm2: dict) -> dict:
+    """Slide-level cell numbers from the whole-slide cell table (the ``summarize`` half).
+
+    Adds ``cluster_id`` (0 = none), ``x_um``/``y_um`` (NaN when the pixel size is unknown)
+    to ``cells`` in place. Densities are positive cells per mm² (of analysed tissue, or of a
+    compartment: perivascular area = vessel + perivascular); every µm/mm² number is NaN when
+    ``mpp`` is None. Clusters use the assumed pixel size when the true one is unknown.
+    """
+    params: CellParams = settings.cells
+    n = int(len(cells))
+    if n:
+        pos = cells["positive"].to_numpy(bool)
+        grade = cells["grade"].to_numpy(int)
+    else:
+        pos = np.zeros(0, bool)
+        grade = np.zeros(0, int)
+    npos = int(pos.sum())
+    g = [int(np.sum(grade == k)) for k in (1, 2, 3)]
+    scale = mpp if mpp else float(settings.tiling.assumed_mpp_unknown)
+    if n:
+        xy_um = cells[["x_px", "y_px"]].to_numpy(float) * scale
+        cid = np.zeros(n, np.int64)
+        if npos:
+            cid[pos] = find_clusters(xy_um[pos], distance_um=params.cluster_distance_um,
+                                     min_cells=params.cluster_min_cells)
+        cells["cluster_id"] = cid
+        cells["x_um"] = xy_um[:, 0] if mpp else np.nan
+        cells["y_um"] = xy_um[:, 1] if mpp else np.nan
+        n_clusters = int(cid.max()) if len(cid) else 0
+    else:
+        for col in ("cluster_id", "x_um", "y_um"):
+            cells[col] = pd.Series(dtype=np.int64 if col == "cluster_id" else float)
+        n_clusters = 0
+    nan = float("nan")
+
+    def per(count: int, area: float) -> float:
+        return count / area if mpp and area and np.isfinite(area) and area > 0 else nan
+
+    comp_col = cells["compartment"].astype(str).to_numpy() if n and "compartment" in cells \
+        else np.array([""] * n)
+    n_endo = int(np.sum(pos & (comp_col == "endomysium")))
+    n_peri = int(np.sum(pos & (comp_col == "perimysium")))
+    n_pv = int(np.sum(pos & (comp_col == "perivascular")))
+    analysed = areas_mm2.get("analysed_area_mm2", nan)
+    pv_area = areas_mm2.get("area_mm2_vessel", 0.0) + areas_mm2.get("area_mm2_perivascular", 0.0)
+    positive_pct = 100.0 * npos / n if n else nan
+    h_score = 100.0 * (g[0] + 2 * g[1] + 3 * g[2]) / n if n else nan
+    prop = allred_proportion_score(positive_pct)
+    intensity = int(round(float(grade[pos].mean()))) if npos else 0
+    allred = prop + intensity if prop > 0 else 0
+    per_mm2 = per(npos, analysed)
+    n_fib = int(len(fibers))
+    per_hpf = per_mm2 * params.hpf_area_mm2
+    return {
+        "cells_detected": n,
+        "cells_positive": npos,
+        "cells_negative": n - npos,
+        "positive_pct": positive_pct,
+        "cells_grade_1": g[0],
+        "cells_grade_2": g[1],
+        "cells_grade_3": g[2],
+        "cells_per_mm2": per_mm2,
+        "cells_per_100_fibers": 100.0 * npos / n_fib if n_fib else nan,
+        "cells_endomysial": n_endo,
+        "cells_perimysial": n_peri,
+        "cells_perivascular": n_pv,
+        "cells_per_mm2_endomysial": per(n_endo, areas_mm2.get("area_mm2_endomysium", nan)),
+        "cells_per_mm2_perimysial": per(n_peri, areas_mm2.get("area_mm2_perimysium", nan)),
+        "cells_per_mm2_perivascular": per(n_pv, pv_area),
+        "clusters_10plus": n_clusters,
+        "cells_in_clusters": int(np.count_nonzero(cells["cluster_id"].to_numpy())) if n else 0,
+        "h_score_cells": h_score,
+        "allred_proportion": prop,
+        "allred_intensity": intensity,
+        "allred_score": allred,
+        "cells_per_hpf": per_hpf,
+        "jdm_level": jdm_level(per_hpf=per_hpf, n_clusters=n_clusters,
+                               diffuse_per_hpf=params.jdm_diffuse_cells_per_hpf,
+                               level1_per_hpf=params.jdm_cells_per_hpf),
+    }
+
