@@ -152,3 +152,54 @@ def test_cli_strict_links_overlays_and_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "bad.csv: missing required column 'marker'" in err
     assert "Traceback" not in err
+
+
+def test_three_timepoints_batch_style_overlay_column_report(tmp_path):
+    from biopsyquant.compare import compare_slides, write_report
+
+    coh = synthetic_cohort(n_responders=4, n_nonresponders=4, seed=2,
+                           timepoints=("baseline", "month6", "month12"))
+    slides = cohort_slides(coh)
+    run = tmp_path / "run"
+    (run / "overlays").mkdir(parents=True)
+    import matplotlib.image
+
+    # batch writes an `overlay` column relative to slides.csv; one file is missing
+    slides["overlay"] = [f"overlays/{s}.png" for s in slides["slide"]]
+    for s in slides["slide"].iloc[1:]:
+        matplotlib.image.imsave(run / "overlays" / f"{s}.png", np.zeros((4, 4, 3), np.uint8))
+    slides.to_csv(run / "slides.csv", index=False)
+    res = compare_slides(run / "slides.csv", design=coh.design, n_bootstrap=100,
+                         metrics=("cells_per_mm2", "positive_area_pct"),
+                         clinical_columns=("MMT8",))
+    assert res.timepoints == ["baseline", "month6", "month12"]  # inferred
+    assert len(res.overlays) == len(slides) - 1
+    kinds = set(res.problems["kind"])
+    assert {"multiple_timepoints", "overlay_missing", "timepoint_order_inferred"} <= kinds
+    assert set(res.stats["contrast"]) == {"month6 vs baseline", "month12 vs baseline"}
+    truth = coh.truth.set_index(["patient", "marker"])
+    for _, r in res.paired.iterrows():
+        for tp in ("month6", "month12"):
+            assert r[f"direction_{tp}"] == truth.loc[(r["patient"], r["marker"]),
+                                                     f"direction_{tp}"]
+    m12 = res.stats[(res.stats["contrast"] == "month12 vs baseline")
+                    & (res.stats["metric"] == "cells_per_mm2") & (res.stats["subset"] == "all")]
+    d = res.paired.loc[res.paired["metric"] == "cells_per_mm2", "change_month12"]
+    from scipy import stats as sps
+
+    assert m12["wilcoxon_p"].item() == pytest.approx(sps.wilcoxon(d).pvalue)
+    out = tmp_path / "cmp"
+    report = write_report(res, out, figure_metrics=["CD163:cells_per_mm2"],
+                          figure_formats=("png",))
+    html = report.read_text(encoding="utf-8")
+    assert "every later timepoint is compared with the baseline" in html
+    assert "no overlay" in html  # the missing one is shown as such
+    figs = sorted(p.name for p in (out / "figures").glob("*.png"))
+    assert figs == ["change_CD163_cells_per_mm2.png", "corr_CD163_cells_per_mm2_MMT8.png",
+                    "slope_CD163_cells_per_mm2.png"]
+    # the change figure has one panel per contrast, the correlation one baseline + 2 changes
+    import matplotlib.image as mi
+
+    w_change = mi.imread(out / "figures" / "change_CD163_cells_per_mm2.png").shape[1]
+    w_corr = mi.imread(out / "figures" / "corr_CD163_cells_per_mm2_MMT8.png").shape[1]
+    assert w_change > 900 and w_corr > 1500

@@ -272,7 +272,10 @@ def write_report(result: ComparisonResult, out_dir: str | Path, *, figures: bool
     n_err = int((r.problems["severity"] == "error").sum()) if len(r.problems) else 0
     n_warn = int((r.problems["severity"] == "warning").sum()) if len(r.problems) else 0
     n_pat = r.patients.shape[0]
-    grp_counts = r.patients["group"].replace("", "no group").value_counts()
+    vc = r.patients["group"].value_counts()
+    grp_counts = {g: int(vc[g]) for g in r.groups}
+    if "" in vc.index:
+        grp_counts["no group"] = int(vc[""])
     h: list[str] = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         "<title>biopsyquant pre/post comparison</title>",
