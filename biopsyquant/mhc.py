@@ -40,7 +40,8 @@ published 0–5 grade by % positive fibers (0: none, 1: ≤ 10 %, 2: > 10–25 %
 * ``none`` — fewer than ``pattern_min_positive_pct`` % positive fibers;
 * ``perifascicular`` — at least ``perifascicular_min_fibers`` perifascicular fibers, their
   % positive ≥ ``perifascicular_ratio`` × the rest's and ≥ the rest's +
-  ``perifascicular_min_difference_pct`` points;
+  ``perifascicular_min_difference_pct`` points, and the excess significant (one-sided Fisher
+  exact test p < ``perifascicular_max_p``);
 * ``diffuse`` — otherwise, when at least ``diffuse_min_region_pct`` % of the square regions of
   ``pattern_region_um`` holding ≥ ``pattern_min_region_fibers`` scored fibers are involved (a
   region is involved when its % positive reaches ``region_involved_fraction`` × the slide's %
@@ -126,7 +127,10 @@ class MhcParams:
         Perifascicular pattern: perifascicular % positive ≥ ratio × the rest and ≥ rest +
         difference (percentage points).
     perifascicular_min_fibers : int
-        ... with at least this many perifascicular fibers scored.
+        ... with at least this many perifascicular fibers scored ...
+    perifascicular_max_p : float
+        ... and a one-sided Fisher exact test (perifascicular vs other fibers, positive vs
+        negative) below this p-value, so chance clustering among few fibers is not a pattern.
     pattern_region_um : float
         Edge of the square regions used to tell diffuse from focal.
     pattern_min_region_fibers : int
@@ -136,7 +140,7 @@ class MhcParams:
     diffuse_min_region_pct : float
         Diffuse when at least this % of regions are involved, else focal.
     capillary_od, capillary_min_area_um2, capillary_max_area_um2, capillary_max_lumen_um2,
-    capillary_max_elongation, capillary_min_contrast_od : float
+    capillary_max_elongation, capillary_min_contrast_od, capillary_level_step_od : float
         Internal control: positive capillary / small vessel objects outside the fibers (see
         :class:`biopsyquant.pixels.PixelParams`).
     control_min_od : float
@@ -153,7 +157,7 @@ class MhcParams:
     min_fiber_area_um2: float = 80.0
     min_compactness: float = 0.3
     max_lumen_fraction: float = 0.3
-    lumen_max_total_od: float = 0.06
+    lumen_max_total_od: float = 0.03
     min_analysed_fraction: float = 0.5
     perifascicular_distance_um: float = 10.0
     fascicle_edge_codes: tuple = (3, 4, 5)
@@ -161,16 +165,18 @@ class MhcParams:
     perifascicular_ratio: float = 2.0
     perifascicular_min_difference_pct: float = 15.0
     perifascicular_min_fibers: int = 10
+    perifascicular_max_p: float = 0.05
     pattern_region_um: float = 500.0
     pattern_min_region_fibers: int = 10
     region_involved_fraction: float = 0.5
     diffuse_min_region_pct: float = 50.0
     capillary_od: float = 0.3
-    capillary_min_area_um2: float = 10.0
-    capillary_max_area_um2: float = 400.0
-    capillary_max_lumen_um2: float = 60.0
+    capillary_min_area_um2: float = 8.0
+    capillary_max_area_um2: float = 120.0
+    capillary_max_lumen_um2: float = 40.0
     capillary_max_elongation: float = 3.0
-    capillary_min_contrast_od: float = 0.15
+    capillary_min_contrast_od: float = 0.1
+    capillary_level_step_od: float = 0.1
     control_min_od: float = 0.3
 
     def __post_init__(self) -> None:
@@ -454,7 +460,8 @@ def measure(ctx: ImageContext) -> Measurements:
                            max_area_um2=p.capillary_max_area_um2,
                            max_lumen_um2=p.capillary_max_lumen_um2,
                            max_elongation=p.capillary_max_elongation,
-                           min_contrast_od=p.capillary_min_contrast_od)
+                           min_contrast_od=p.capillary_min_contrast_od,
+                           level_step_od=p.capillary_level_step_od)
     counts = {
         "capillary_n": int(len(ves)),
         "capillary_stained_px": int(ves["stained_px"].sum()) if len(ves) else 0,
@@ -536,7 +543,12 @@ def _slide_pattern(f, pos, peri, pct, pp, pn, mpp, settings, p: MhcParams) -> st
     if (n_peri >= p.perifascicular_min_fibers and np.isfinite(pp) and np.isfinite(pn)
             and pp >= p.perifascicular_ratio * pn
             and pp >= pn + p.perifascicular_min_difference_pct):
-        return "perifascicular"
+        from scipy.stats import fisher_exact
+
+        a, b = int(pos[peri].sum()), int((~pos[peri]).sum())
+        c, d = int(pos[~peri].sum()), int((~pos[~peri]).sum())
+        if fisher_exact([[a, b], [c, d]], alternative="greater")[1] < p.perifascicular_max_p:
+            return "perifascicular"
     size_mpp = mpp if mpp else getattr(getattr(settings, "tiling", None), "assumed_mpp_unknown",
                                        0.5)
     cell = p.pattern_region_um / size_mpp

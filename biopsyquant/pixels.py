@@ -107,30 +107,35 @@ class PixelParams:
         Largest major/minor axis ratio of a counted object (cross-cut capillaries are round;
         elongated streaks of stained endomysium are not counted).
     capillary_min_contrast_od : float
-        The object's mean DAB OD must exceed that of a ring of ~2 µm around it by this much, so
-        a diffusely stained patch of interstitium is not taken for a capillary.
+        The object's mean DAB OD must exceed that of a ring of ~2 µm of non-fiber tissue around
+        it by this much, so a diffusely stained patch of interstitium is not taken for a
+        capillary.
+    capillary_level_step_od : float
+        Blobs too large at ``capillary_od`` (capillaries merged with stained interstitium) are
+        re-thresholded in steps of this much (up to 1.0 OD); 0 = a single threshold.
     """
 
     weak_od: float = 0.2
     moderate_od: float = 0.4
     strong_od: float = 0.6
     drop_lumina: bool = True
-    lumen_max_total_od: float = 0.06
+    lumen_max_total_od: float = 0.03
     lumen_min_area_um2: float = 20.0
     lumen_fill_um2: float = 30.0
-    capillary_od: float = 0.3
-    capillary_min_area_um2: float = 10.0
-    capillary_max_area_um2: float = 400.0
-    capillary_max_lumen_um2: float = 60.0
+    capillary_od: float = 0.2
+    capillary_min_area_um2: float = 8.0
+    capillary_max_area_um2: float = 120.0
+    capillary_max_lumen_um2: float = 40.0
     capillary_max_elongation: float = 3.0
-    capillary_min_contrast_od: float = 0.15
+    capillary_min_contrast_od: float = 0.1
+    capillary_level_step_od: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("weak_od", "moderate_od", "strong_od", "lumen_max_total_od",
                      "lumen_min_area_um2", "lumen_fill_um2", "capillary_od",
-                     "capillary_min_contrast_od", "capillary_min_area_um2",
-                     "capillary_max_area_um2", "capillary_max_lumen_um2",
-                     "capillary_max_elongation"):
+                     "capillary_min_contrast_od", "capillary_level_step_od",
+                     "capillary_min_area_um2", "capillary_max_area_um2",
+                     "capillary_max_lumen_um2", "capillary_max_elongation"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
                 raise InputError(f"PixelParams.{name} must be a finite number, got {v!r}")
@@ -255,7 +260,7 @@ def total_od(rgb: np.ndarray, background=(255.0, 255.0, 255.0)) -> np.ndarray:
 
 
 def lumen_mask(rgb: np.ndarray, *, background, mpp: float, within: np.ndarray,
-               max_total_od: float = 0.06, min_area_um2: float = 20.0,
+               max_total_od: float = 0.03, min_area_um2: float = 20.0,
                fill_um2: float = 30.0) -> np.ndarray:
     """Empty lumina / holes inside the tissue.
 
@@ -402,10 +407,11 @@ def pixel_summary(counts: dict, *, groups=GROUPS) -> dict:
 
 
 def positive_vessels(dab_od: np.ndarray, *, region: np.ndarray, mpp: float,
-                     own: np.ndarray | None = None, threshold_od: float = 0.3,
-                     min_area_um2: float = 10.0, max_area_um2: float = 400.0,
-                     max_lumen_um2: float = 60.0, max_elongation: float = 3.0,
-                     min_contrast_od: float = 0.15) -> pd.DataFrame:
+                     own: np.ndarray | None = None, threshold_od: float = 0.2,
+                     min_area_um2: float = 8.0, max_area_um2: float = 120.0,
+                     max_lumen_um2: float = 40.0, max_elongation: float = 3.0,
+                     min_contrast_od: float = 0.1, level_step_od: float = 0.1,
+                     max_level_od: float = 1.0) -> pd.DataFrame:
     """DAB-positive capillaries / small vessels: round positive objects in ``region``.
 
     Parameters
@@ -427,8 +433,12 @@ def positive_vessels(dab_od: np.ndarray, *, region: np.ndarray, mpp: float,
     max_elongation : float
         Largest major/minor axis ratio of the moment ellipse.
     min_contrast_od : float
-        Smallest difference between the object's mean DAB OD and that of a ~2 µm ring around
-        it (0 = no contrast test).
+        Smallest difference between the object's mean DAB OD and that of a ~2 µm ring of
+        ``region`` pixels around it (0 = no contrast test).
+    level_step_od, max_level_od : float
+        Blobs larger than ``max_area_um2`` at ``threshold_od`` (a capillary merged with stained
+        interstitium) are thresholded again ``level_step_od`` higher, up to ``max_level_od``;
+        an object is taken at the lowest level where it is valid (0 step = one level only).
 
     Returns
     -------
@@ -440,19 +450,55 @@ def positive_vessels(dab_od: np.ndarray, *, region: np.ndarray, mpp: float,
     shape = dab.shape
     region = _check_2d(region, shape, "region", np.bool_)
     cols = ["x_px", "y_px", "area_px", "stained_px", "dab_od_sum", "elongation"]
-    pos = (dab >= threshold_od) & region
-    if not pos.any():
-        return pd.DataFrame({c: pd.Series(dtype=float) for c in cols})
+    empty = pd.DataFrame({c: pd.Series(dtype=float) for c in cols})
+    if own is not None:
+        own = _check_2d(own, shape, "own", np.bool_)
     px_um2 = mpp * mpp
+    ring_px = max(1, int(round(2.0 / mpp)))
+    ring_k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ring_px + 1, 2 * ring_px + 1))
+    active = region
+    found = []
+    t = float(threshold_od)
+    while t <= max_level_od + 1e-9:
+        pos = (dab >= t) & active
+        if not pos.any():
+            break
+        res, too_big = _objects_at_level(
+            dab, pos, region, px_um2=px_um2, min_area_um2=min_area_um2,
+            max_area_um2=max_area_um2, max_lumen_um2=max_lumen_um2,
+            max_elongation=max_elongation, min_contrast_od=min_contrast_od, ring_k=ring_k)
+        if len(res):
+            found.append(res)
+        if level_step_od <= 0 or too_big is None:
+            break
+        active = too_big  # only blobs too large at this level are split at the next
+        t += level_step_od
+    if not found:
+        return empty
+    out = pd.concat(found, ignore_index=True)
+    if own is not None and len(out):
+        xi = np.clip(np.round(out["x_px"].to_numpy()).astype(int), 0, shape[1] - 1)
+        yi = np.clip(np.round(out["y_px"].to_numpy()).astype(int), 0, shape[0] - 1)
+        out = out[own[yi, xi]].reset_index(drop=True)
+    return out[cols]
+
+
+def _objects_at_level(dab, pos, region, *, px_um2, min_area_um2, max_area_um2, max_lumen_um2,
+                      max_elongation, min_contrast_od, ring_k):
+    """Valid capillary objects among the components of ``pos`` and the too-large blobs."""
+    cols = ["x_px", "y_px", "area_px", "stained_px", "dab_od_sum", "elongation"]
     # fill small enclosed holes (capillary lumina), never holes touching the image border
     filled = _fill_small_holes(pos, max_lumen_um2 / px_um2)
     n, lab, stats, cents = cv2.connectedComponentsWithStats(filled.view(np.uint8),
                                                             connectivity=8)
     area = stats[:, cv2.CC_STAT_AREA].astype(np.int64)
-    cand = (area * px_um2 >= min_area_um2) & (area * px_um2 <= max_area_um2)
+    big = area * px_um2 > max_area_um2
+    big[0] = False
+    too_big = big[lab] if big.any() else None
+    cand = (area * px_um2 >= min_area_um2) & ~big
     cand[0] = False
     if not cand.any():
-        return pd.DataFrame({c: pd.Series(dtype=float) for c in cols})
+        return pd.DataFrame(columns=cols), too_big
     # second moments of the candidates (bincount over their pixels only)
     yy, xx = np.nonzero(cand[lab])
     ll = lab[yy, xx]
@@ -476,28 +522,19 @@ def positive_vessels(dab_od: np.ndarray, *, region: np.ndarray, mpp: float,
     stained = np.bincount(lab_pos, minlength=n)
     odsum = np.bincount(lab_pos, dab[pos], minlength=n)
     if min_contrast_od > 0 and keep.any():
-        # mean DAB of a ring of ~2 µm around each candidate (pixels of no other object)
-        ring_px = max(1, int(round(2.0 / mpp)))
-        k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ring_px + 1, 2 * ring_px + 1))
+        # mean DAB of a ring of ~2 µm of non-fiber tissue around each candidate
         cl = np.where(keep[lab], lab, 0).astype(np.float32)
-        grown = cv2.dilate(cl, k).astype(np.int64)
-        ring = (grown > 0) & (lab == 0)
+        grown = cv2.dilate(cl, ring_k).astype(np.int64)
+        ring = (grown > 0) & (lab == 0) & region
         rn = np.bincount(grown[ring], minlength=n)
         rs = np.bincount(grown[ring], dab[ring], minlength=n)
         with np.errstate(invalid="ignore", divide="ignore"):
             contrast = odsum / np.maximum(stained, 1) - np.where(rn > 0, rs / rn, 0.0)
         keep &= contrast >= min_contrast_od
     ids = np.flatnonzero(keep)
-    cxs, cys = cents[ids, 0], cents[ids, 1]
-    if own is not None:
-        own = _check_2d(own, shape, "own", np.bool_)
-        xi = np.clip(np.round(cxs).astype(int), 0, shape[1] - 1)
-        yi = np.clip(np.round(cys).astype(int), 0, shape[0] - 1)
-        owned = own[yi, xi]
-        ids, cxs, cys = ids[owned], cxs[owned], cys[owned]
-    return pd.DataFrame({"x_px": cxs, "y_px": cys, "area_px": area[ids],
+    return pd.DataFrame({"x_px": cents[ids, 0], "y_px": cents[ids, 1], "area_px": area[ids],
                          "stained_px": stained[ids], "dab_od_sum": odsum[ids],
-                         "elongation": elong[ids]})
+                         "elongation": elong[ids]}), too_big
 
 
 # ------------------------------------------------------------------------------- contract
@@ -545,7 +582,8 @@ def measure(ctx: ImageContext) -> Measurements:
                            max_area_um2=p.capillary_max_area_um2,
                            max_lumen_um2=p.capillary_max_lumen_um2,
                            max_elongation=p.capillary_max_elongation,
-                           min_contrast_od=p.capillary_min_contrast_od)
+                           min_contrast_od=p.capillary_min_contrast_od,
+                           level_step_od=p.capillary_level_step_od)
     counts["positive_capillaries"] = int(len(ves))
     counts["capillary_stained_px"] = int(ves["stained_px"].sum()) if len(ves) else 0
     counts["capillary_od_sum"] = float(ves["dab_od_sum"].sum()) if len(ves) else 0.0
