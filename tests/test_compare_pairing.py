@@ -332,3 +332,13 @@ def test_all_rows_failed_raises_clear_error(tmp_path):
     with pytest.raises(InputError, match=r"slides\.csv: no usable rows after removing failed "
                                          r"slides: all 4 row\(s\) excluded \(4 failed_slide\)"):
         compare_slides(path)
+
+
+def test_empty_status_column_and_flag_columns():
+    df = _simple({"A": (10, 5), "B": (8, 4), "C": (12, 6)})
+    df["status"] = ""
+    df["is_pyramid"] = True
+    res = compare_slides(df, timepoints=("baseline", "month6"), **FAST)
+    assert res.stats.iloc[0]["n_pairs"] == 3
+    assert "no_status_column" in _kinds(res)
+    assert res.metrics["CD163"] == ["cells_per_mm2"]

@@ -310,7 +310,10 @@ def prepare(slides: pd.DataFrame | str | Path, *, design: pd.DataFrame | str | P
                 "excluded")
 
     # failed slides
-    if "status" in df.columns:
+    if "status" in df.columns and (_text(df["status"]) == "").all():
+        problems.add("no_status_column", f"{sname}: the 'status' column is empty; every row "
+                     "treated as successfully scored", severity="info")
+    elif "status" in df.columns:
         status = _text(df["status"]).str.lower()
         err = _text(df["error"]) if "error" in df.columns else pd.Series("", index=df.index)
         df = df.assign(_status=status, _err=err)
@@ -424,6 +427,8 @@ def prepare(slides: pd.DataFrame | str | Path, *, design: pd.DataFrame | str | P
     # metrics
     numeric: dict[str, pd.Series] = {}
     for c in metric_cols:
+        if pd.api.types.is_bool_dtype(df[c]):
+            continue  # flags are not measurements
         num, bad = to_number(df[c])
         n_filled = int((num.notna() | bad).sum())
         if n_filled == 0 or int(bad.sum()) > n_filled / 2:
