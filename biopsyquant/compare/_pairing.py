@@ -21,14 +21,16 @@ from ._problems import Problems
 #: columns of slides.csv that identify a slide or describe provenance, never analysed as metrics
 ID_COLUMNS = frozenset({
     "slide", "path", "patient", "timepoint", "marker", "status", "error", "mpp", "mpp_source",
-    "tissue_area_mm2", "n_fibers", "section", "replicate", "group", "overlay", "sha256",
+    "tissue_area_mm2", "n_fibers", "n_fibers_complete", "section", "replicate", "group", "overlay", "sha256",
     "file_sha256", "file_hash", "file_size_bytes", "size_bytes", "settings_digest", "width_px",
     "height_px", "levels", "n_levels", "format", "stain_model", "elapsed_s", "seconds", "time_s",
     "n_tiles", "tiles", "version", "exclusions", "exclusion", "manifest_row", "warnings",
     "analysed_area_mm2", "excluded_area_mm2", "background_r", "background_g", "background_b",
 })
 _ID_PATTERNS = (re.compile(r".*_(px|bytes|hash|digest|sha256|seconds|s)$"),
-                re.compile(r"^(stain|background|time|timing|elapsed)_.*"))
+                re.compile(r"^(stain|background|time|timing|elapsed)_.*"),
+                # areas are denominators (tissue, analysed, per compartment), not outcomes
+                re.compile(r"^area_mm2_.*"), re.compile(r".*_area_mm2$"))
 
 #: values read as "missing" (not as a non-numeric problem) in numeric columns
 MISSING_TOKENS = frozenset({"", "na", "nan", "n/a", "none", "null", "-", "--", "."})
