@@ -874,6 +874,8 @@ class _ImageBackend(_Backend):
                 a = np.asarray(a)
                 if a.ndim == 2:
                     a = a[..., None]
+                if self.format == "jpeg" and a.shape[2] == 4:
+                    raise SlideError(self.path, "CMYK JPEG is not supported; save it as RGB")
                 if a.shape[:2] != self.shapes[0]:
                     raise SlideError(
                         self.path,
