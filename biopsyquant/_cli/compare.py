@@ -41,10 +41,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="design column with the patient group (default: group)")
     p.add_argument("--clinical", type=_csv_list,
                    help="clinical columns to correlate (default: every numeric design column)")
-    p.add_argument("--presence-threshold", nargs="+", action="extend", default=[],
+    p.add_argument("--presence-threshold", type=_csv_list, action="extend", default=[],
                    metavar="[MARKER:]METRIC=VALUE",
-                   help="presence = value > VALUE, e.g. IL-1Ra:positive_area_pct=1; Fisher "
-                   "exact test between groups at each timepoint")
+                   help="presence = value > VALUE, e.g. IL-1Ra:positive_area_pct=1 (repeat the "
+                   "option or separate with commas); Fisher exact test between groups at each "
+                   "timepoint")
     p.add_argument("--bootstrap", type=int, default=2000, metavar="N",
                    help="bootstrap resamples for the CI of the median change (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
