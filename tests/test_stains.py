@@ -150,6 +150,20 @@ def test_serial_and_parallel_kernels_agree():
     np.testing.assert_array_equal(a, b)
 
 
+def test_busy_parallel_lock_falls_back_to_serial_kernel():
+    rgb = immunohistochemistry()  # 262,144 px: parallel by default
+    model = PRESETS["H-DAB"]
+    expected = stain_od(rgb, model)
+    assert _kernels._PARALLEL_LOCK.acquire(blocking=False)
+    try:  # another thread "inside" a parallel kernel: this call must not wait or nest
+        got = stain_od(rgb, model)
+        counts = dab_threshold_counts(rgb, model)
+    finally:
+        _kernels._PARALLEL_LOCK.release()
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(counts.counts, dab_threshold_counts(rgb, model).counts)
+
+
 def test_concurrent_calls_from_threads_are_correct():
     rgb = immunohistochemistry()
     model = PRESETS["H-DAB"]
