@@ -1,0 +1,853 @@
+"""Muscle fiber segmentation and per-fiber morphometry on brightfield cross-sections.
+
+Fibers are the large, smooth, evenly stained regions of a transverse muscle section; they are
+separated by thin endomysium (1-5 µm), nuclei, capillaries, DAB-stained sarcolemmal rims
+(MHC class I) or white cracks, and grouped into fascicles by wider perimysium. The same
+classical pipeline works for H-DAB immunohistochemistry and for H&E:
+
+1. work at a reduced resolution (``FiberParams.working_mpp_um``, default 1 µm/px);
+2. total optical density (log10, relative to the slide background) and its thin structures:
+   lines narrower than ``endomysium_um`` that are darker *or* paler than their surroundings
+   (endomysium, nuclei, DAB rims, cracks) form the boundary map;
+3. fiber candidates = tissue that is not boundary, not much paler than the typical fiber and
+   not coarsely textured; holes up to nucleus size (internal nuclei) are filled;
+4. touching fibers are split by a marker watershed on the distance transform (h-maxima
+   markers), over-split blobs are merged back when their shared border is as wide as the
+   smaller part, and objects implausible as fibers (too small, too large, ring-shaped vessel
+   walls, ragged) are dropped;
+5. fibers grow back over the thin boundary pixels by ``grow_um`` and the labels are scaled up
+   to the input resolution.
+
+All sizes are in µm and converted with the image's microns-per-pixel ``mpp``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import pandas as pd
+from scipy import ndimage as ndi
+from skimage.measure import perimeter as _sk_perimeter
+from skimage.filters import apply_hysteresis_threshold
+from skimage.morphology import h_maxima
+from skimage.segmentation import watershed
+
+from .errors import InputError, MppUnknownError
+from .stains import PRESETS, StainModel
+
+__all__ = [
+    "FiberParams",
+    "segment_fibers",
+    "fiber_table",
+    "FIBER_COLUMNS",
+    "fiber_od_images",
+]
+
+#: Columns of :func:`fiber_table`, in order.
+FIBER_COLUMNS: tuple[str, ...] = (
+    "fiber_id",
+    "x_px",
+    "y_px",
+    "x_um",
+    "y_um",
+    "area_px",
+    "area_um2",
+    "min_feret_um",
+    "max_feret_um",
+    "perimeter_um",
+    "eccentricity",
+    "solidity",
+    "touches_edge",
+    "touches_exclusion",
+    "n_internal_nuclei",
+    "fascicle_edge_distance_um",
+)
+
+
+@dataclass(frozen=True)
+class FiberParams:
+    """Settings of fiber segmentation and the fiber table (all sizes in µm).
+
+    Parameters
+    ----------
+    min_diameter_um : float
+        Smallest fiber kept (equivalent diameter, µm). Atrophic fibers are 10-30 µm.
+    max_diameter_um : float
+        Largest fiber kept (equivalent diameter, µm).
+    working_mpp_um : float
+        Internal working resolution (µm/px). Images finer than this are reduced to it with area
+        averaging; the labels are scaled back to the input grid.
+    smoothing_um : float
+        Gaussian σ (µm) applied to the optical density before analysis.
+    endomysium_um : float
+        Widest line (µm) still detected as a thin boundary (endomysium, rims, cracks).
+    boundary_contrast : float
+        A thin line is a boundary where its optical density differs from the surroundings by
+        more than this fraction of the typical fiber optical density.
+    boundary_min_od : float
+        ... and by at least this many OD units (log10), so noise on near-white fibers is no edge.
+    pale_fraction : float
+        Pixels paler than this fraction of the typical fiber optical density are not fiber
+        (glass, cracks, loose connective tissue in H&E).
+    texture_max : float
+        Local standard deviation of optical density (over ``texture_um``), relative to the
+        typical fiber optical density, above which tissue is too coarse to be fiber (cell
+        infiltrates, fibrous perimysium).
+    texture_um : float
+        Gaussian σ (µm) of the local texture window.
+    hole_max_area_um2 : float
+        Holes inside a fiber up to this area (µm²) are filled (internal nuclei, vacuoles).
+    split_depth_um : float
+        Touching blobs are split when each part is at least this much "deeper" (distance to the
+        border, µm) than the neck between them (h of the h-maxima markers).
+    merge_neck_ratio : float
+        Two adjacent parts are merged back when their shared border is at least this fraction
+        of the smaller part's inscribed diameter.
+    min_solidity : float
+        Fibers are convex-ish: objects with area / convex-hull area below this are dropped.
+    max_hole_fraction : float
+        Objects whose filled area exceeds their area by more than this fraction enclose a lumen
+        (vessel walls, rings) and are dropped.
+    grow_um : float
+        Fibers are grown over boundary pixels by up to this distance (µm) so their outline
+        sits on the sarcolemma (middle of the endomysium) rather than inside it.
+    nucleus_min_od : float
+        Hematoxylin OD (log10) above which a pixel belongs to a nucleus (fiber table).
+    nucleus_min_area_um2, nucleus_max_area_um2 : float
+        Area range (µm²) of one nucleus; larger blobs count as several nuclei of
+        ``nucleus_typical_area_um2`` each.
+    nucleus_typical_area_um2 : float
+        Typical myonucleus area (µm²).
+    internal_nucleus_depth_um : float
+        A nucleus is internal when its centre lies deeper than this (µm) inside the fiber.
+    edge_distance_um : float
+        A fiber "touches the edge" when it comes this close (µm) to non-tissue or the image
+        border, and "touches an exclusion" when this close to an excluded region.
+    """
+
+    min_diameter_um: float = 10.0
+    max_diameter_um: float = 150.0
+    working_mpp_um: float = 1.0
+    smoothing_um: float = 0.8
+    endomysium_um: float = 6.0
+    boundary_contrast: float = 0.1
+    boundary_min_od: float = 0.03
+    boundary_noise: float = 4.0
+    boundary_weak: float = 0.6
+    pale_line_weight: float = 1.0
+    min_core_fraction: float = 0.5
+    min_inscribed_fraction: float = 0.6
+    line_smoothing_um: float = 1.0
+    pale_fraction: float = 0.45
+    texture_max: float = 0.35
+    texture_um: float = 2.0
+    hole_max_area_um2: float = 150.0
+    split_depth_um: float = 1.5
+    merge_neck_ratio: float = 0.75
+    min_solidity: float = 0.75
+    max_hole_fraction: float = 0.15
+    grow_um: float = 4.0
+    nucleus_min_od: float = 0.25
+    nucleus_min_area_um2: float = 8.0
+    nucleus_max_area_um2: float = 120.0
+    nucleus_typical_area_um2: float = 40.0
+    internal_nucleus_depth_um: float = 4.0
+    edge_distance_um: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("min_diameter_um", "max_diameter_um", "working_mpp_um", "endomysium_um",
+                     "hole_max_area_um2", "nucleus_typical_area_um2"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
+                raise InputError(f"FiberParams.{name} must be a positive number, got {v!r}")
+        if self.max_diameter_um <= self.min_diameter_um:
+            raise InputError(
+                f"FiberParams.max_diameter_um ({self.max_diameter_um}) must exceed "
+                f"min_diameter_um ({self.min_diameter_um})"
+            )
+        for name in ("pale_fraction", "min_solidity", "merge_neck_ratio"):
+            v = getattr(self, name)
+            if not (0 <= v <= 1.5):
+                raise InputError(f"FiberParams.{name} must be between 0 and 1, got {v!r}")
+        for name in ("smoothing_um", "boundary_contrast", "boundary_min_od", "texture_max",
+                     "texture_um", "split_depth_um", "max_hole_fraction", "grow_um",
+                     "nucleus_min_od", "nucleus_min_area_um2", "nucleus_max_area_um2",
+                     "internal_nucleus_depth_um", "edge_distance_um"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
+                raise InputError(f"FiberParams.{name} must be a number >= 0, got {v!r}")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_rgb(rgb) -> np.ndarray:
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise InputError(
+            f"`rgb` must have 3 channels along the last axis, got shape {rgb.shape}; "
+            "drop alpha with rgb[..., :3]"
+        )
+    if rgb.dtype != np.uint8:
+        raise InputError(f"`rgb` must be uint8, got {rgb.dtype}")
+    if rgb.shape[0] < 2 or rgb.shape[1] < 2:
+        raise InputError(f"`rgb` is too small to segment fibers: shape {rgb.shape}")
+    return rgb
+
+
+def _check_mpp(mpp, shape, params: FiberParams) -> float:
+    if mpp is None:
+        raise MppUnknownError(
+            "segment_fibers needs the pixel size: pass mpp= (µm per pixel); fiber sizes are "
+            "set in µm. If it is unknown, give an assumed value and treat areas as relative."
+        )
+    try:
+        mpp = float(mpp)
+    except (TypeError, ValueError):
+        raise InputError(f"mpp must be a number of µm per pixel, got {mpp!r}") from None
+    if not math.isfinite(mpp) or mpp <= 0:
+        raise InputError(f"mpp must be a positive number of µm per pixel, got {mpp!r}")
+    min_px = params.min_diameter_um / mpp
+    if min_px < 4:
+        raise InputError(
+            f"mpp={mpp:g} µm/px makes the smallest fiber (min_diameter_um="
+            f"{params.min_diameter_um:g} µm) only {min_px:.1f} px across; fibers cannot be "
+            "segmented below ~4 px. Check the pixel size (0.1-2 µm/px for 10x-40x scans) "
+            "or use a finer pyramid level."
+        )
+    if min_px > max(shape):
+        raise InputError(
+            f"mpp={mpp:g} µm/px makes the smallest fiber (min_diameter_um="
+            f"{params.min_diameter_um:g} µm) {min_px:.0f} px across, larger than the whole "
+            f"image ({shape[1]}x{shape[0]} px). Check the pixel size."
+        )
+    return mpp
+
+
+def _estimate_background(rgb: np.ndarray) -> tuple[float, float, float]:
+    """Glass intensity per channel; uses ``stains.estimate_background`` when available."""
+    try:
+        from .stains import estimate_background  # type: ignore[attr-defined]
+    except ImportError:
+        estimate_background = None
+    if estimate_background is not None:
+        try:
+            bg = estimate_background(rgb)
+            bg = tuple(float(b) for b in np.asarray(bg, float).ravel()[:3])
+            if len(bg) == 3 and all(math.isfinite(b) and b > 0 for b in bg):
+                return bg  # type: ignore[return-value]
+        except Exception:  # noqa: BLE001 - fall back to the simple estimate below
+            pass
+    step = max(1, int(math.sqrt(rgb.shape[0] * rgb.shape[1] / 1e6)))
+    sub = rgb[::step, ::step].reshape(-1, 3).astype(np.float32)
+    lum = sub.sum(1)
+    bright = sub[lum >= np.percentile(lum, 99.0)]
+    bg = np.median(bright, axis=0)
+    if bg.min() < 180:  # no glass in view: assume the scanner's white
+        return (255.0, 255.0, 255.0)
+    return tuple(float(max(b, 1.0)) for b in bg)  # type: ignore[return-value]
+
+
+def _downsample(img: np.ndarray, factor: float) -> np.ndarray:
+    if factor <= 1.0:
+        return img
+    h, w = img.shape[:2]
+    nh, nw = max(1, int(round(h / factor))), max(1, int(round(w / factor)))
+    return cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
+
+
+def _upsample_labels(lab: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour scaling of a label image to ``shape`` (pixel-centre aligned)."""
+    if lab.shape == tuple(shape):
+        return lab
+    h, w = shape
+    sh, sw = lab.shape
+    ri = np.minimum(((np.arange(h) + 0.5) * (sh / h)).astype(np.intp), sh - 1)
+    ci = np.minimum(((np.arange(w) + 0.5) * (sw / w)).astype(np.intp), sw - 1)
+    return lab[ri[:, None], ci[None, :]]
+
+
+def _disk(radius_px: float) -> np.ndarray:
+    r = max(1, int(round(radius_px)))
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+
+
+def _gauss(img: np.ndarray, sigma_px: float) -> np.ndarray:
+    if sigma_px <= 0.1:
+        return img
+    return cv2.GaussianBlur(img, (0, 0), sigmaX=sigma_px, sigmaY=sigma_px,
+                            borderType=cv2.BORDER_REFLECT)
+
+
+def fiber_od_images(rgb: np.ndarray, model: StainModel
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Optical density images used for fiber segmentation (log10, relative to background).
+
+    Parameters
+    ----------
+    rgb : ndarray of uint8, shape (H, W, 3)
+    model : StainModel
+        Background and stain vectors (the first stain is the counterstain; a ``"dab"`` stain,
+        if present, is removed from ``counter``).
+
+    Returns
+    -------
+    total : ndarray of float32, shape (H, W)
+        Sum of the three channel ODs.
+    counter : ndarray of float32, shape (H, W)
+        ``total`` without the DAB contribution (equals ``total`` for models without DAB).
+    hema : ndarray of float32, shape (H, W)
+        Counterstain (first stain) concentration, by least-squares unmixing of the first two
+        stains only (stable even when the model's third vector is nearly parallel to them).
+    """
+    v = np.maximum(np.arange(256, dtype=np.float64), 1.0)
+    bg = np.asarray(model.background, dtype=np.float64)[:, None]
+    luts = np.maximum(-np.log10(v[None, :] / bg), 0.0)  # (3, 256)
+
+    def mix(weights) -> np.ndarray:
+        out = np.take((luts[0] * weights[0]).astype(np.float32), rgb[..., 0])
+        out += np.take((luts[1] * weights[1]).astype(np.float32), rgb[..., 1])
+        out += np.take((luts[2] * weights[2]).astype(np.float32), rgb[..., 2])
+        return out
+
+    total = mix((1.0, 1.0, 1.0))
+    d = model.index("dab") if "dab" in model.names else 1
+    other = 0 if d != 0 else 1
+    pinv = np.linalg.pinv(np.vstack([model.vectors[other], model.vectors[d]]))  # (3, 2)
+    hema = mix(pinv[:, 0])
+    np.maximum(hema, 0, out=hema)
+    if "dab" not in model.names:
+        return total, total, hema
+    dab = mix(pinv[:, 1])
+    np.maximum(dab, 0, out=dab)
+    counter = total - dab * np.float32(model.vectors[d].sum())
+    np.maximum(counter, 0, out=counter)
+    return total, counter, hema
+
+
+def _fill_small_holes(mask: np.ndarray, max_area_px: float) -> np.ndarray:
+    inv = (~mask).astype(np.uint8)
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(inv, connectivity=4)
+    if n <= 1:
+        return mask
+    h, w = mask.shape
+    x, y, bw, bh, area = (stats[:, i] for i in range(5))
+    border = (x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)
+    fill = (area <= max_area_px) & ~border
+    fill[0] = False
+    return mask | fill[lab]
+
+
+def _merge_oversplit(lab: np.ndarray, dist: np.ndarray, ratio: float) -> np.ndarray:
+    """Merge adjacent labels whose shared border is wide relative to the smaller one."""
+    n = int(lab.max())
+    if n < 2 or ratio <= 0:
+        return lab
+    pairs = []
+    for a, b in ((lab[:, :-1], lab[:, 1:]), (lab[:-1, :], lab[1:, :])):
+        m = (a != b) & (a > 0) & (b > 0)
+        if m.any():
+            pa, pb = a[m].astype(np.int64), b[m].astype(np.int64)
+            pairs.append(np.minimum(pa, pb) * (n + 1) + np.maximum(pa, pb))
+    if not pairs:
+        return lab
+    keys, counts = np.unique(np.concatenate(pairs), return_counts=True)
+    rmax = np.zeros(n + 1, np.float64)
+    np.maximum.at(rmax, lab.ravel(), dist.ravel().astype(np.float64))
+    a = keys // (n + 1)
+    b = keys % (n + 1)
+    small = np.minimum(rmax[a], rmax[b])
+    merge = counts >= ratio * 2.0 * small
+    if not merge.any():
+        return lab
+    parent = np.arange(n + 1)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in zip(a[merge], b[merge], strict=True):
+        ri, rj = find(int(i)), find(int(j))
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
+    roots = np.array([find(i) for i in range(n + 1)])
+    return roots[lab].astype(np.int32)
+
+
+def _object_filter(lab: np.ndarray, dist: np.ndarray, *, min_area: float, max_area: float,
+                   min_inscribed: float, min_solidity: float, max_hole_fraction: float,
+                   texture: np.ndarray | None = None, max_texture: float = np.inf,
+                   inner_px: float = 2.0, core: np.ndarray | None = None,
+                   min_core_fraction: float = 0.0) -> np.ndarray:
+    """Keep labels that are plausible fiber cross-sections; returns sequential int32 labels."""
+    n = int(lab.max())
+    if n == 0:
+        return lab.astype(np.int32)
+    area = np.bincount(lab.ravel(), minlength=n + 1)
+    rmax = np.zeros(n + 1, np.float64)
+    np.maximum.at(rmax, lab.ravel(), dist.ravel().astype(np.float64))
+    keep = (area >= min_area) & (area <= max_area) & (2 * rmax >= min_inscribed)
+    keep[0] = False
+    if texture is not None and np.isfinite(max_texture):
+        inner = dist > inner_px
+        li = lab[inner]
+        n_in = np.bincount(li, minlength=n + 1)
+        t_in = np.bincount(li, weights=texture[inner], minlength=n + 1)
+        mean_t = np.where(n_in > 0, t_in / np.maximum(n_in, 1), 0.0)
+        keep &= mean_t <= max_texture
+    if core is not None and min_core_fraction > 0:
+        n_core = np.bincount(lab[core], minlength=n + 1)
+        keep &= n_core >= min_core_fraction * np.maximum(area, 1)
+    slices = ndi.find_objects(lab)
+    for i, sl in enumerate(slices, start=1):
+        if sl is None or not keep[i]:
+            continue
+        m = (lab[sl] == i).astype(np.uint8)
+        cnts, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        if not cnts:
+            keep[i] = False
+            continue
+        filled = np.zeros_like(m)
+        cv2.drawContours(filled, cnts, -1, 1, thickness=-1)
+        farea = float(filled.sum())
+        if farea > area[i] * (1.0 + max_hole_fraction):
+            keep[i] = False
+            continue
+        pts = np.concatenate(cnts).reshape(-1, 2).astype(np.float32)
+        hull = cv2.convexHull(pts)
+        harea = cv2.contourArea(hull)
+        # contour area of pixel centres underestimates by ~ half the perimeter
+        harea += 0.5 * cv2.arcLength(hull, True) + 1.0
+        if area[i] / harea < min_solidity:
+            keep[i] = False
+    lut = np.zeros(n + 1, np.int32)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return lut[lab]
+
+
+def _grow(lab: np.ndarray, allowed: np.ndarray, radius_px: float) -> np.ndarray:
+    """Grow labels into ``allowed`` pixels within ``radius_px`` (nearest label wins)."""
+    if radius_px <= 0 or lab.max() == 0:
+        return lab
+    fg = lab > 0
+    src = (~fg).astype(np.uint8)
+    dist, idx = cv2.distanceTransformWithLabels(src, cv2.DIST_L2, 5,
+                                                labelType=cv2.DIST_LABEL_PIXEL)
+    # map the index of each zero pixel (a label pixel) to its label value
+    ys, xs = np.nonzero(fg)
+    lut = np.zeros(int(idx.max()) + 1, np.int32)
+    lut[idx[ys, xs]] = lab[ys, xs]
+    grown = lut[idx]
+    add = (~fg) & allowed & (dist <= radius_px)
+    out = lab.copy()
+    out[add] = grown[add]
+    return out
+
+
+# --------------------------------------------------------------------------- segmentation
+
+
+def segment_fibers(
+    rgb: np.ndarray,
+    *,
+    mpp: float,
+    model: StainModel | None = None,
+    tissue: np.ndarray | None = None,
+    params: FiberParams | None = None,
+) -> np.ndarray:
+    """Segment muscle fibers in a brightfield transverse section (H-DAB IHC or H&E).
+
+    Parameters
+    ----------
+    rgb : ndarray of uint8, shape (H, W, 3)
+        Brightfield RGB image.
+    mpp : float
+        Pixel size in µm per pixel (all sizes in ``params`` are in µm).
+    model : StainModel, optional
+        Stain vectors and background. Default: the H-DAB preset with the background estimated
+        from the image. Only the background and the DAB vector are used (DAB-filled fibers are
+        recognised on the DAB-free optical density).
+    tissue : ndarray of bool, shape (H, W), optional
+        Analysed tissue; fibers are only found inside it. Default: all non-glass pixels.
+    params : FiberParams, optional
+
+    Returns
+    -------
+    ndarray of int32, shape (H, W)
+        Fiber labels 1..N (0 = not a fiber), numbered in raster order of the working grid.
+
+    Raises
+    ------
+    InputError
+        Image not uint8 RGB, ``tissue`` of another shape, or ``mpp`` making fibers implausibly
+        small (< 4 px across) or larger than the image.
+    MppUnknownError
+        ``mpp`` is None.
+
+    Warns
+    -----
+    UserWarning
+        When there is no tissue or no fiber was found (an empty label image is returned).
+    """
+    params = FiberParams() if params is None else params
+    rgb = _check_rgb(rgb)
+    shape = rgb.shape[:2]
+    mpp = _check_mpp(mpp, shape, params)
+    if tissue is not None:
+        tissue = np.asarray(tissue)
+        if tissue.shape != shape:
+            raise InputError(f"`tissue` mask has shape {tissue.shape}, image has {shape}")
+        tissue = tissue.astype(bool, copy=False)
+        if not tissue.any():
+            warnings.warn("segment_fibers: the tissue mask is empty; no fibers segmented",
+                          UserWarning, stacklevel=2)
+            return np.zeros(shape, np.int32)
+    if model is None:
+        model = PRESETS["H-DAB"].with_background(_estimate_background(rgb))
+
+    factor = max(1.0, params.working_mpp_um / mpp)
+    small = _downsample(rgb, factor)
+    wm = mpp * shape[0] / small.shape[0]  # actual working µm/px
+    total, counter, hema = fiber_od_images(small, model)
+    if tissue is not None:
+        t_small = _downsample(tissue.astype(np.uint8) * 255, factor) >= 128
+    else:
+        t_small = _gauss(total, 2.0 / wm) > 0.06
+    lab = _segment_working(total, counter, hema, t_small, wm, params)
+    if lab.max() == 0:
+        warnings.warn("segment_fibers: no muscle fibers found in the image "
+                      f"(min_diameter_um={params.min_diameter_um:g}, mpp={mpp:g})",
+                      UserWarning, stacklevel=2)
+        return np.zeros(shape, np.int32)
+    out = _upsample_labels(lab, shape)
+    if tissue is not None:
+        out = np.where(tissue, out, 0).astype(np.int32, copy=False)
+    return out
+
+
+_DEBUG: dict = {}
+
+
+def _inner_distance(lab: np.ndarray) -> np.ndarray:
+    """Distance (px) of every labelled pixel to the nearest pixel of another label or 0."""
+    inside = lab > 0
+    edge = np.zeros_like(inside)
+    edge[:, 1:] |= lab[:, 1:] != lab[:, :-1]
+    edge[:, :-1] |= lab[:, :-1] != lab[:, 1:]
+    edge[1:, :] |= lab[1:, :] != lab[:-1, :]
+    edge[:-1, :] |= lab[:-1, :] != lab[1:, :]
+    return cv2.distanceTransform((inside & ~edge).astype(np.uint8), cv2.DIST_L2, 5)
+
+
+def _segment_working(total: np.ndarray, counter: np.ndarray, hema: np.ndarray,
+                     tissue: np.ndarray, wm: float, params: FiberParams) -> np.ndarray:
+    """Fiber labels on the working grid (pixel size ``wm`` µm)."""
+    if tissue.sum() < math.pi * (params.min_diameter_um / wm / 2) ** 2:
+        return np.zeros(total.shape, np.int32)
+    ts = _gauss(total, params.smoothing_um / wm)
+    cs = _gauss(counter, params.smoothing_um / wm) if counter is not total else ts
+
+    # typical fiber OD: median over smooth tissue, on the full and on the DAB-free OD
+    mu = _gauss(counter, params.texture_um / wm)
+    var = _gauss(counter * counter, params.texture_um / wm) - mu * mu
+    std = np.sqrt(np.maximum(var, 0))
+    cand = tissue & (cs > 0.02)
+    if cand.sum() < 16:
+        return np.zeros(total.shape, np.int32)
+    level0 = float(np.median(cs[cand]))
+    smooth = cand & (std < 0.5 * params.texture_max * max(level0, 1e-3))
+    if smooth.sum() < 64:
+        smooth = cand
+    level_c = max(float(np.median(cs[smooth])), 0.02)
+    level_t = max(float(np.median(ts[smooth])), 0.02)
+
+    # 1. thin structures darker or paler than their surroundings, in units of each map's
+    #    own noise (fiber grain): dark lines on the total and on the counterstain OD
+    #    (endomysium, nuclei, DAB rims), pale lines on the total OD (cracks, H&E endomysium)
+    k = _disk(params.endomysium_um / wm / 2.0 + 0.5)
+    hs = _gauss(hema, params.smoothing_um / wm)
+    sl = params.line_smoothing_um / wm
+    raw = np.zeros_like(ts)
+    line = np.zeros_like(ts)
+    for img, polarity, weight in ((ts, 1, 1.0), (hs, 1, 1.0), (ts, -1, params.pale_line_weight)):
+        if polarity > 0:
+            ref = cv2.morphologyEx(img, cv2.MORPH_OPEN, k)
+            t = _gauss(img - ref, sl)
+        else:
+            ref = cv2.morphologyEx(img, cv2.MORPH_CLOSE, k)
+            t = _gauss(ref - img, sl)
+        # grain scales with the stain (DAB-filled fibers are grainier): relative contrast
+        rel = t / np.maximum(_gauss(ref, 2 * sl), np.float32(0.5 * level_t))
+        n = max(float(np.median(rel[cand])), 1e-4)
+        np.maximum(raw, t, out=raw)
+        np.maximum(line, rel * np.float32(weight / n), out=line)
+    # a boundary must stand out of the grain AND have a visible contrast
+    line[raw < params.boundary_contrast * level_t] = 0
+    line[raw < params.boundary_min_od] = 0
+    thr = params.boundary_noise
+    boundary = apply_hysteresis_threshold(line, params.boundary_weak * thr, thr)
+    pale = ts < params.pale_fraction * level_t
+    if cs is not ts:  # DAB-stained fibers: pale only if also pale in the DAB-free OD
+        pale &= cs < params.pale_fraction * level_c
+    core = tissue & ~boundary & ~pale
+    core = _fill_small_holes(core, params.hole_max_area_um2 / wm**2) & tissue
+    core = cv2.morphologyEx(core.astype(np.uint8), cv2.MORPH_OPEN, _disk(1)).astype(bool)
+
+    # 2. split touching cores: h-maxima of the distance transform + watershed
+    dist = cv2.distanceTransform(core.astype(np.uint8), cv2.DIST_L2, 5)
+    dsm = _gauss(dist, 1.0)
+    h = max(params.split_depth_um / wm, 0.5)
+    q = 4.0  # quantise to 1/4 px for a fast integer h-maxima
+    dq = np.minimum(dsm * q, 65535).astype(np.uint16)
+    markers_mask = h_maxima(dq, max(1, int(round(h * q)))).astype(bool) & core
+    nm, markers = cv2.connectedComponents(markers_mask.astype(np.uint8), connectivity=8)
+    if nm <= 1:
+        return np.zeros(total.shape, np.int32)
+    cores = watershed(-dsm, markers, mask=core).astype(np.int32)
+    cores = _merge_oversplit(cores, dist, params.merge_neck_ratio)
+
+    # 3. grow cores to the fiber edge: watershed on edge strength, competing with a
+    #    background seed (pale / non-tissue / far from every core)
+    gx = cv2.Sobel(ts, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(ts, cv2.CV_32F, 0, 1, ksize=3)
+    edge = np.sqrt(gx * gx + gy * gy) * np.float32(0.25) + raw
+    far = cv2.distanceTransform((cores == 0).astype(np.uint8), cv2.DIST_L2, 5)
+    grow_px = params.grow_um / wm
+    bg_id = int(cores.max()) + 1
+    seeds = cores.copy()
+    bg = (~tissue | pale | (far > grow_px)) & (cores == 0)
+    seeds[bg] = bg_id
+    lab = watershed(edge, seeds).astype(np.int32)
+    lab[lab == bg_id] = 0
+    lab[~tissue] = 0
+
+    r_min = params.min_diameter_um / wm / 2.0
+    r_max = params.max_diameter_um / wm / 2.0
+    _DEBUG.update(lab=lab.copy(), far=far, edge=edge, cores=cores, ts=ts, level_t=level_t, line=line, thr=thr,
+                  cs=cs, level_c=level_c)
+    lab = _object_filter(
+        lab, _inner_distance(lab),
+        min_area=0.6 * math.pi * r_min**2,
+        max_area=math.pi * r_max**2,
+        min_inscribed=params.min_inscribed_fraction * 2 * r_min,
+        min_solidity=params.min_solidity,
+        max_hole_fraction=params.max_hole_fraction,
+        core=cores > 0, min_core_fraction=params.min_core_fraction,
+    )
+    return lab
+
+
+# --------------------------------------------------------------------------- fiber table
+
+
+def _feret(hull: np.ndarray) -> tuple[float, float]:
+    """(min, max) Feret diameter of a convex polygon (N, 2) by rotating calipers."""
+    p = hull.reshape(-1, 2).astype(np.float64)
+    if len(p) < 3:
+        d = float(np.hypot(*(p.max(0) - p.min(0)))) if len(p) else 0.0
+        return d, d
+    e = np.roll(p, -1, axis=0) - p
+    norm = np.hypot(e[:, 0], e[:, 1])
+    ok = norm > 0
+    e, base = e[ok] / norm[ok, None], p[ok]
+    # distance of every vertex to every edge line
+    rel = p[None, :, :] - base[:, None, :]
+    dist = np.abs(rel[..., 0] * e[:, None, 1] - rel[..., 1] * e[:, None, 0])
+    min_f = float(dist.max(axis=1).min())
+    diff = p[:, None, :] - p[None, :, :]
+    max_f = float(np.sqrt((diff**2).sum(-1)).max())
+    return min_f, max_f
+
+
+def _empty_table() -> pd.DataFrame:
+    cols = {
+        "fiber_id": pd.Series(dtype=np.int32),
+        "x_px": pd.Series(dtype=float), "y_px": pd.Series(dtype=float),
+        "x_um": pd.Series(dtype=float), "y_um": pd.Series(dtype=float),
+        "area_px": pd.Series(dtype=np.int64),
+        "area_um2": pd.Series(dtype=float), "min_feret_um": pd.Series(dtype=float),
+        "max_feret_um": pd.Series(dtype=float), "perimeter_um": pd.Series(dtype=float),
+        "eccentricity": pd.Series(dtype=float), "solidity": pd.Series(dtype=float),
+        "touches_edge": pd.Series(dtype=bool), "touches_exclusion": pd.Series(dtype=bool),
+        "n_internal_nuclei": pd.Series(dtype=np.int64),
+        "fascicle_edge_distance_um": pd.Series(dtype=float),
+    }
+    return pd.DataFrame(cols)[list(FIBER_COLUMNS)]
+
+
+def _detect_nuclei(hema_od: np.ndarray, mpp: float, params: FiberParams
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hematoxylin blobs: centroids x, y (px) and estimated nucleus count per blob."""
+    sigma = 0.7 / mpp
+    h = _gauss(np.ascontiguousarray(hema_od, dtype=np.float32), sigma)
+    m = (h > params.nucleus_min_od).astype(np.uint8)
+    n, _, stats, cents = cv2.connectedComponentsWithStats(m, connectivity=8)
+    if n <= 1:
+        e = np.zeros(0)
+        return e, e, e
+    area_um2 = stats[1:, cv2.CC_STAT_AREA] * mpp * mpp
+    cents = cents[1:]
+    ok = area_um2 >= params.nucleus_min_area_um2
+    count = np.where(area_um2 > params.nucleus_max_area_um2,
+                     np.maximum(1, np.round(area_um2 / params.nucleus_typical_area_um2)), 1)
+    return cents[ok, 0], cents[ok, 1], count[ok]
+
+
+def fiber_table(
+    labels: np.ndarray,
+    *,
+    mpp: float | None,
+    hema_od: np.ndarray | None = None,
+    tissue: np.ndarray | None = None,
+    exclusion: np.ndarray | None = None,
+    compartments: np.ndarray | None = None,
+    params: FiberParams | None = None,
+) -> pd.DataFrame:
+    """One row per fiber: position, size, shape, edge contacts and internal nuclei.
+
+    Parameters
+    ----------
+    labels : ndarray of int, shape (H, W)
+        Fiber labels (0 = none), e.g. from :func:`segment_fibers`.
+    mpp : float or None
+        Pixel size (µm/px). When None every µm column is NaN (pixel columns remain).
+    hema_od : ndarray of float, shape (H, W), optional
+        Hematoxylin OD (log10); needed for ``n_internal_nuclei`` (else 0... see Notes).
+    tissue : ndarray of bool, shape (H, W), optional
+        Tissue mask: fibers within ``params.edge_distance_um`` of non-tissue touch the edge.
+    exclusion : ndarray of bool, shape (H, W), optional
+        Excluded regions: fibers within ``params.edge_distance_um`` touch an exclusion.
+    compartments : ndarray of uint8, shape (H, W), optional
+        Compartment codes; fills ``fascicle_edge_distance_um`` (see
+        :func:`biopsyquant.compartments.fascicle_edge_distance_um`).
+    params : FiberParams, optional
+        Nucleus and edge settings.
+
+    Returns
+    -------
+    DataFrame
+        Columns :data:`FIBER_COLUMNS`: ``fiber_id`` (label value), ``x_px``, ``y_px`` (centroid,
+        column/row), ``x_um``, ``y_um``, ``area_px``, ``area_um2``, ``min_feret_um``,
+        ``max_feret_um`` (calipers of the pixel-corner convex hull), ``perimeter_um``,
+        ``eccentricity`` (of the moment ellipse), ``solidity`` (area / hull area),
+        ``touches_edge`` (image border or tissue edge), ``touches_exclusion``,
+        ``n_internal_nuclei`` (hematoxylin blobs centred deeper than
+        ``internal_nucleus_depth_um``; -1 when ``hema_od`` is None), and
+        ``fascicle_edge_distance_um`` (NaN without ``compartments``).
+
+    Notes
+    -----
+    With no fibers a :class:`UserWarning` is issued and an empty table with these columns
+    is returned.
+    """
+    params = FiberParams() if params is None else params
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(f"`labels` must be a 2-D integer label image, got {labels.dtype} "
+                         f"{labels.shape}")
+    shape = labels.shape
+    for name, arr in (("hema_od", hema_od), ("tissue", tissue), ("exclusion", exclusion),
+                      ("compartments", compartments)):
+        if arr is not None and np.shape(arr) != shape:
+            raise InputError(f"`{name}` has shape {np.shape(arr)}, labels have {shape}")
+    if mpp is not None:
+        mpp = float(mpp)
+        if not math.isfinite(mpp) or mpp <= 0:
+            raise InputError(f"mpp must be a positive number of µm per pixel or None, got {mpp}")
+    if labels.max(initial=0) <= 0:
+        warnings.warn("fiber_table: no fibers in the label image; returning an empty table",
+                      UserWarning, stacklevel=2)
+        return _empty_table()
+    labels = labels.astype(np.int32, copy=False)
+    px_um = mpp if mpp is not None else 1.0
+    edge_px = params.edge_distance_um / px_um + 1.0
+
+    near_out = None
+    if tissue is not None:
+        nt = (~np.asarray(tissue, bool)).astype(np.uint8)
+        near_out = cv2.dilate(nt, _disk(edge_px)).astype(bool) if nt.any() else None
+    near_ex = None
+    if exclusion is not None and np.any(exclusion):
+        near_ex = cv2.dilate(np.asarray(exclusion, bool).astype(np.uint8),
+                             _disk(edge_px)).astype(bool)
+
+    # nuclei: centroid -> fiber, depth checked per fiber below
+    nuc_by_fiber: dict[int, list[tuple[float, float, float]]] = {}
+    if hema_od is not None:
+        nx, ny, ncount = _detect_nuclei(hema_od, px_um, params)
+        if len(nx):
+            xi = np.clip(np.round(nx).astype(int), 0, shape[1] - 1)
+            yi = np.clip(np.round(ny).astype(int), 0, shape[0] - 1)
+            owner = labels[yi, xi]
+            for k in np.flatnonzero(owner > 0):
+                nuc_by_fiber.setdefault(int(owner[k]), []).append((nx[k], ny[k], ncount[k]))
+    depth_px = params.internal_nucleus_depth_um / px_um
+
+    rows = []
+    slices = ndi.find_objects(labels)
+    H, W = shape
+    for i, sl in enumerate(slices, start=1):
+        if sl is None:
+            continue
+        y0, x0 = sl[0].start, sl[1].start
+        m = (labels[sl] == i)
+        mu8 = m.astype(np.uint8)
+        mom = cv2.moments(mu8, binaryImage=True)
+        area = mom["m00"]
+        if area <= 0:
+            continue
+        cx, cy = mom["m10"] / area, mom["m01"] / area
+        mu20, mu02, mu11 = mom["mu20"] / area, mom["mu02"] / area, mom["mu11"] / area
+        common = math.sqrt(max((mu20 - mu02) ** 2 + 4 * mu11 * mu11, 0.0))
+        l1, l2 = (mu20 + mu02 + common) / 2, (mu20 + mu02 - common) / 2
+        ecc = math.sqrt(max(1 - l2 / l1, 0.0)) if l1 > 0 else 0.0
+        cnts, _ = cv2.findContours(mu8, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        pts = np.concatenate(cnts).reshape(-1, 2).astype(np.float32)
+        corners = (pts[:, None, :] + np.array([[-.5, -.5], [.5, -.5], [.5, .5], [-.5, .5]],
+                                              np.float32)[None]).reshape(-1, 2)
+        hull = cv2.convexHull(corners)
+        harea = cv2.contourArea(hull)
+        min_f, max_f = _feret(hull)
+        per = float(_sk_perimeter(m, neighborhood=4)) if min(m.shape) > 1 else 2.0 * (
+            m.shape[0] + m.shape[1])
+        touches = (sl[0].start == 0 or sl[1].start == 0 or sl[0].stop == H or sl[1].stop == W)
+        if not touches and near_out is not None:
+            touches = bool(near_out[sl][m].any())
+        t_ex = bool(near_ex[sl][m].any()) if near_ex is not None else False
+        n_int = -1 if hema_od is None else 0
+        if i in nuc_by_fiber:
+            pad = np.pad(mu8, 1)
+            dt = cv2.distanceTransform(pad, cv2.DIST_L2, 5)
+            for nxk, nyk, ck in nuc_by_fiber[i]:
+                xx = int(round(nxk)) - x0 + 1
+                yy = int(round(nyk)) - y0 + 1
+                if dt[yy, xx] > depth_px:
+                    n_int += int(ck)
+        rows.append((i, x0 + cx, y0 + cy, int(area), min_f, max_f, per, ecc,
+                     float(area / harea) if harea > 0 else 1.0, touches, t_ex, n_int))
+    df = pd.DataFrame(rows, columns=["fiber_id", "x_px", "y_px", "area_px", "min_feret_px",
+                                     "max_feret_px", "perimeter_px", "eccentricity",
+                                     "solidity", "touches_edge", "touches_exclusion",
+                                     "n_internal_nuclei"])
+    f = mpp if mpp is not None else float("nan")
+    df["x_um"] = df["x_px"] * f
+    df["y_um"] = df["y_px"] * f
+    df["area_um2"] = df["area_px"] * f * f
+    df["min_feret_um"] = df.pop("min_feret_px") * f
+    df["max_feret_um"] = df.pop("max_feret_px") * f
+    df["perimeter_um"] = df.pop("perimeter_px") * f
+    df["fascicle_edge_distance_um"] = np.nan
+    df["fiber_id"] = df["fiber_id"].astype(np.int32)
+    df["solidity"] = df["solidity"].clip(upper=1.0)
+    if compartments is not None and mpp is not None:
+        from .compartments import fascicle_edge_distance_um
+
+        d = fascicle_edge_distance_um(labels, compartments, mpp=mpp)
+        df["fascicle_edge_distance_um"] = d.reindex(df["fiber_id"]).to_numpy()
+    return df[list(FIBER_COLUMNS)]
