@@ -1,0 +1,299 @@
+"""Unit tests of positive-cell detection, grading and the slide summary (biopsyquant.cells)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from biopsyquant.cells import (
+    CELL_COLUMNS,
+    CellParams,
+    allred_proportion_score,
+    detect_cells,
+    find_clusters,
+    grade_cells,
+    jdm_level,
+    summarize,
+)
+from biopsyquant.errors import InputError, SettingsError
+from biopsyquant.settings import load_settings
+
+CD163 = load_settings("CD163").cells
+KI67 = load_settings("Ki67").cells
+
+
+def _disk(shape, cy, cx, r, value):
+    yy, xx = np.ogrid[: shape[0], : shape[1]]
+    return np.where((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r, np.float32(value), np.float32(0))
+
+
+def _scene(mpp=0.5, size_um=200.0):
+    """OD maps with known cells (positions in µm).
+
+    Returns hema, dab, positives [(x_um, y_um, grade)], negatives [(x_um, y_um)].
+    """
+    n = int(round(size_um / mpp))
+    shape = (n, n)
+    hema = np.full(shape, 0.03, np.float32)
+    dab = np.full(shape, 0.02, np.float32)
+    rng = np.random.default_rng(0)
+    positives = []
+    levels = {1: 0.32, 2: 0.6, 3: 0.95}
+    spots = [(30, 30, 1), (90, 30, 2), (150, 30, 3), (30, 90, 3), (150, 150, 2), (90, 150, 1)]
+    for x, y, g in spots:
+        body = _disk(shape, y / mpp, x / mpp, 6.5 / mpp, levels[g])
+        nuc = _disk(shape, y / mpp, (x + 1.5) / mpp, 2.8 / mpp, 0.45)
+        dab = np.maximum(dab, body * np.where(nuc > 0, 0.6, 1.0))
+        hema = np.maximum(hema, np.where(body > 0, 0.07, 0) + nuc)
+        positives.append((x, y, g))
+    negatives = [(60, 60), (120, 90), (40, 170), (175, 100)]
+    for x, y in negatives:
+        hema = np.maximum(hema, _disk(shape, y / mpp, x / mpp, 3.2 / mpp, 0.5))
+    hema += rng.normal(0, 0.01, shape).astype(np.float32)
+    dab += rng.normal(0, 0.01, shape).astype(np.float32)
+    return hema, dab, positives, negatives
+
+
+def _nearest(cells, x_um, y_um, mpp):
+    d = np.hypot(cells["x_px"] * mpp - x_um, cells["y_px"] * mpp - y_um)
+    i = int(np.argmin(d))
+    return cells.iloc[i], float(d.iloc[i])
+
+
+def test_cd163_scene_counts_and_grades():
+    mpp = 0.5
+    hema, dab, positives, negatives = _scene(mpp)
+    cells, labels = detect_cells(hema, dab, mpp=mpp, params=CD163)
+    assert list(cells.columns) == list(CELL_COLUMNS)
+    assert labels.dtype == np.int32 and labels.shape == hema.shape
+    assert set(np.unique(labels)) - {0} == set(cells["cell_id"])
+    assert int(cells["positive"].sum()) == len(positives)
+    for x, y, g in positives:
+        row, d = _nearest(cells, x, y, mpp)
+        assert d < 2.0, (x, y, d)
+        assert row["positive"] and row["grade"] == g, (x, y, row["grade"], row["dab_mean_od"])
+        assert 90 < row["area_um2"] < 180  # a 13 µm cell is ~133 µm²
+    for x, y in negatives:  # DAB-negative nuclei: detected, negative
+        row, d = _nearest(cells, x, y, mpp)
+        assert d < 2.0 and not row["positive"] and row["grade"] == 0
+
+
+def test_touching_cells_are_split():
+    mpp = 0.5
+    shape = (120, 160)
+    hema = np.zeros(shape, np.float32)
+    dab = np.zeros(shape, np.float32)
+    centres = [(30.0, 30.0), (41.0, 30.0), (35.5, 40.0)]  # µm; 11-µm spacing, 13-µm cells
+    for x, y in centres:
+        dab = np.maximum(dab, _disk(shape, y / mpp, x / mpp, 6.5 / mpp, 0.6))
+        hema = np.maximum(hema, _disk(shape, y / mpp, x / mpp, 2.5 / mpp, 0.45))
+    cells, labels = detect_cells(hema, dab, mpp=mpp, params=CD163)
+    pos = cells[cells["positive"]]
+    assert len(pos) == 3
+    got = np.sort(pos[["x_px", "y_px"]].to_numpy() * mpp, axis=0)
+    want = np.sort(np.array(centres), axis=0)
+    assert np.abs(got - want).max() < 2.5
+
+
+def test_unstained_nucleus_hole_does_not_split_a_cell():
+    """A ring of membranous DAB around a DAB-free nucleus is one cell."""
+    mpp = 0.5
+    shape = (80, 80)
+    ring = _disk(shape, 40, 40, 16, 0.7) - _disk(shape, 40, 40, 7, 0.7)
+    hema = _disk(shape, 40, 40, 7, 0.5)
+    cells, _ = detect_cells(hema, ring, mpp=mpp, params=CD163)
+    assert int(cells["positive"].sum()) == 1
+
+
+def test_faint_nonspecific_dab_is_not_a_cell():
+    mpp = 0.5
+    shape = (300, 300)
+    yy, xx = np.mgrid[:300, :300]
+    # broad faint blotch (mean DAB ~0.22 at the centre, 60 µm wide) + one real 1+ cell
+    dab = (0.24 * np.exp(-((yy - 150) ** 2 + (xx - 100) ** 2) / (2 * 30.0 ** 2))).astype(
+        np.float32)
+    dab += _disk(shape, 150, 230, 13, 0.32)
+    hema = np.full(shape, 0.05, np.float32) + _disk(shape, 150, 230, 5, 0.4)
+    cells, _ = detect_cells(hema, dab, mpp=mpp, params=CD163)
+    pos = cells[cells["positive"]]
+    assert len(pos) == 1
+    assert abs(pos["x_px"].iloc[0] - 230) < 3
+    # without the contrast rule the blotch centre would pass the 1+ threshold
+    loose = dataclasses.replace(CD163, min_dab_contrast_od=0.0)
+    cells2, _ = detect_cells(hema, dab, mpp=mpp, params=loose)
+    assert cells2["positive"].sum() >= len(pos)
+
+
+def test_pixel_size_invariance():
+    """The same scene at two resolutions gives the same cells (sizes are in µm)."""
+    out = []
+    for mpp in (0.5, 0.25):
+        hema, dab, positives, _ = _scene(mpp)
+        cells, _ = detect_cells(hema, dab, mpp=mpp, params=CD163)
+        out.append(cells)
+    a, b = out
+    assert a["positive"].sum() == b["positive"].sum() == 6
+    assert sorted(a.loc[a.positive, "grade"]) == sorted(b.loc[b.positive, "grade"])
+    assert a.loc[a.positive, "area_um2"].sum() == pytest.approx(
+        b.loc[b.positive, "area_um2"].sum(), rel=0.1)
+
+
+def test_mask_limits_detection():
+    mpp = 0.5
+    hema, dab, positives, _ = _scene(mpp)
+    mask = np.zeros(hema.shape, bool)
+    mask[:, : hema.shape[1] // 2] = True  # left half: cells at x = 30, 90 (2 + 1 spots)
+    cells, labels = detect_cells(hema, dab, mpp=mpp, params=CD163, mask=mask)
+    assert not labels[~mask].any()
+    want = sum(1 for x, _, _ in positives if x < 100)
+    assert int(cells["positive"].sum()) == want
+
+
+def test_nuclear_preset_grades_nuclear_dab():
+    mpp = 0.3
+    shape = (300, 300)
+    hema = np.full(shape, 0.02, np.float32)
+    dab = np.full(shape, 0.02, np.float32)
+    spec = [(50, 50, 0.0), (150, 50, 0.3), (250, 50, 0.5), (50, 200, 0.9), (200, 200, 0.0)]
+    for x, y, d in spec:
+        nuc = _disk(shape, y, x, 14, 1.0)
+        hema = np.maximum(hema, nuc * (0.5 if d == 0 else 0.15))
+        dab = np.maximum(dab, nuc * d)
+    cells, _ = detect_cells(hema, dab, mpp=mpp, params=KI67)
+    assert len(cells) == len(spec)
+    got = []
+    for x, y, d in spec:
+        row, dist = _nearest(cells, x * mpp, y * mpp, mpp)
+        assert dist < 1.5
+        assert bool(row["positive"]) == (d > 0)
+        # the object includes the smoothed rim, so its mean is below the nucleus' own OD
+        assert 0.5 * d <= row["nucleus_dab_mean_od"] <= d + 0.03
+        m = row["dab_mean_od"]
+        assert row["grade"] == (0 if m < 0.2 else 1 if m < 0.4 else 2 if m < 0.6 else 3)
+        got.append((d, row["grade"]))
+    assert [g for _, g in sorted(got)] == sorted(g for _, g in got)  # monotone in DAB
+
+
+def test_empty_and_blank_images():
+    z = np.zeros((64, 64), np.float32)
+    cells, labels = detect_cells(z, z, mpp=0.5, params=CD163)
+    assert len(cells) == 0 and list(cells.columns) == list(CELL_COLUMNS)
+    assert not labels.any()
+
+
+def test_input_errors():
+    z = np.zeros((32, 32), np.float32)
+    with pytest.raises(InputError, match="hema_od"):
+        detect_cells(z, np.zeros((32, 31), np.float32), mpp=0.5)
+    with pytest.raises(InputError, match="mpp"):
+        detect_cells(z, z, mpp=None)
+    with pytest.raises(InputError, match="2-D"):
+        detect_cells(np.zeros((4, 4, 3), np.float32), z, mpp=0.5)
+    with pytest.raises(InputError, match="mask"):
+        detect_cells(z, z, mpp=0.5, mask=np.zeros((3, 3), bool))
+    with pytest.raises(ValueError, match="compartment"):
+        CellParams(compartment="membrane")
+    with pytest.raises(ValueError, match="thresholds"):
+        CellParams(dab_threshold_1_od=0.5, dab_threshold_2_od=0.4)
+    with pytest.raises(SettingsError, match="cells"):
+        load_settings("CD163", overrides={"cells.detection_channel": "eosin"})
+    s = load_settings("CD163", overrides=["cells.dab_threshold_1_od=0.25"])
+    assert s.cells.dab_threshold_1_od == 0.25
+
+
+def test_grade_rules():
+    p = CellParams(dab_threshold_1_od=0.2, dab_threshold_2_od=0.4, dab_threshold_3_od=0.6)
+    g, pos = grade_cells(np.array([0.1, 0.2, 0.39, 0.4, 0.6, 2.0]), np.zeros(6), p)
+    assert g.tolist() == [0, 1, 1, 2, 3, 3] and pos.tolist() == [False] + [True] * 5
+    pf = dataclasses.replace(p, positivity="fraction", min_dab_fraction=0.3)
+    g, pos = grade_cells(np.array([0.1, 0.1, 0.5]), np.array([0.35, 0.1, 0.2]), pf)
+    assert pos.tolist() == [True, False, False] and g.tolist() == [1, 0, 0]
+    g, pos = grade_cells(np.array([0.3, 0.3]), np.zeros(2), p, contrast=np.array([0.3, 0.01]))
+    assert pos.tolist() == [True, True]  # contrast rule off by default
+    pc = dataclasses.replace(p, min_dab_contrast_od=0.1)
+    g, pos = grade_cells(np.array([0.3, 0.3]), np.zeros(2), pc, contrast=np.array([0.3, 0.01]))
+    assert pos.tolist() == [True, False]
+
+
+def test_find_clusters():
+    rng = np.random.default_rng(1)
+    clump = rng.normal(0, 8, (12, 2)) + (100, 100)       # 12 cells within ~25 µm
+    small = rng.normal(0, 5, (5, 2)) + (400, 400)        # 5 cells: not a cluster
+    scattered = np.array([[700.0, 100.0], [100.0, 700.0], [700.0, 700.0]])
+    xy = np.vstack([clump, small, scattered])
+    ids = find_clusters(xy, distance_um=25, min_cells=10)
+    assert (ids[:12] == 1).all() and (ids[12:] == 0).all()
+    assert find_clusters(np.zeros((0, 2)), distance_um=25, min_cells=10).shape == (0,)
+
+
+def test_allred_and_jdm():
+    assert [allred_proportion_score(p) for p in (0, 0.5, 5, 20, 50, 90)] == [0, 1, 2, 3, 4, 5]
+    assert jdm_level(per_hpf=1, n_clusters=0, diffuse_per_hpf=25, level1_per_hpf=4) == 0
+    assert jdm_level(per_hpf=5, n_clusters=0, diffuse_per_hpf=25, level1_per_hpf=4) == 1
+    assert jdm_level(per_hpf=5, n_clusters=1, diffuse_per_hpf=25, level1_per_hpf=4) == 2
+    assert jdm_level(per_hpf=5, n_clusters=3, diffuse_per_hpf=25, level1_per_hpf=4) == 3
+    assert jdm_level(per_hpf=30, n_clusters=0, diffuse_per_hpf=25, level1_per_hpf=4) == 4
+    assert np.isnan(jdm_level(per_hpf=float("nan"), n_clusters=0, diffuse_per_hpf=25,
+                              level1_per_hpf=4))
+
+
+def _table(mpp):
+    """20 cells: 12 clustered positives (endomysium), 2 perimysial, 1 perivascular, 5 negative."""
+    rng = np.random.default_rng(3)
+    xy = np.vstack([rng.normal(0, 6, (12, 2)) / mpp + 200,
+                    [[1000, 200], [1200, 200], [200, 1000]],
+                    [[600, 600], [700, 600], [800, 600], [900, 600], [1000, 600]]])
+    grade = np.array([1] * 6 + [2] * 4 + [3] * 2 + [1, 2, 3] + [0] * 5)
+    comp = ["endomysium"] * 12 + ["perimysium", "perimysium", "perivascular"] + ["fiber"] * 5
+    return pd.DataFrame({"x_px": xy[:, 0], "y_px": xy[:, 1], "grade": grade,
+                         "positive": grade > 0, "compartment": comp})
+
+
+def test_summarize_numbers():
+    settings = load_settings("CD163")
+    mpp = 0.5
+    cells = _table(mpp)
+    fibers = pd.DataFrame({"fiber_id": np.arange(1, 51)})
+    areas = {"analysed_area_mm2": 2.0, "area_mm2_endomysium": 0.4, "area_mm2_perimysium": 0.2,
+             "area_mm2_vessel": 0.05, "area_mm2_perivascular": 0.05}
+    s = summarize(cells=cells, fibers=fibers, counts={}, mpp=mpp, settings=settings,
+                  areas_mm2=areas)
+    assert s["cells_detected"] == 20 and s["cells_positive"] == 15 and s["cells_negative"] == 5
+    assert s["positive_pct"] == pytest.approx(75.0)
+    assert (s["cells_grade_1"], s["cells_grade_2"], s["cells_grade_3"]) == (7, 5, 3)
+    assert s["h_score_cells"] == pytest.approx(100 * (7 + 10 + 9) / 20)
+    assert s["cells_per_mm2"] == pytest.approx(7.5)
+    assert s["cells_per_100_fibers"] == pytest.approx(30.0)
+    assert (s["cells_endomysial"], s["cells_perimysial"], s["cells_perivascular"]) == (12, 2, 1)
+    assert s["cells_per_mm2_endomysial"] == pytest.approx(30.0)
+    assert s["cells_per_mm2_perimysial"] == pytest.approx(10.0)
+    assert s["cells_per_mm2_perivascular"] == pytest.approx(10.0)
+    assert s["clusters_10plus"] == 1 and s["cells_in_clusters"] == 12
+    assert (cells["cluster_id"].to_numpy()[:12] == 1).all()
+    assert s["allred_proportion"] == 5 and s["allred_intensity"] == 2 and s["allred_score"] == 7
+    assert s["cells_per_hpf"] == pytest.approx(7.5 * 0.237)
+    assert s["jdm_level"] == 2
+    assert cells["x_um"].to_numpy() == pytest.approx(cells["x_px"].to_numpy() * mpp)
+
+
+def test_summarize_without_pixel_size_and_empty():
+    settings = load_settings("CD163")
+    cells = _table(0.5)
+    s = summarize(cells=cells, fibers=pd.DataFrame(), counts={}, mpp=None, settings=settings,
+                  areas_mm2={"analysed_area_mm2": float("nan")})
+    for k in ("cells_per_mm2", "cells_per_mm2_endomysial", "cells_per_mm2_perimysial",
+              "cells_per_mm2_perivascular", "cells_per_hpf", "jdm_level",
+              "cells_per_100_fibers"):
+        assert np.isnan(s[k]), k
+    assert s["cells_positive"] == 15 and s["clusters_10plus"] == 1  # assumed 0.5 µm/px
+    assert cells["x_um"].isna().all()
+    empty = pd.DataFrame(columns=["x_px", "y_px", "grade", "positive", "compartment"])
+    s = summarize(cells=empty, fibers=pd.DataFrame(), counts={}, mpp=0.5, settings=settings,
+                  areas_mm2={"analysed_area_mm2": 1.0})
+    assert s["cells_detected"] == 0 and s["cells_per_mm2"] == 0.0
+    assert np.isnan(s["positive_pct"]) and np.isnan(s["h_score_cells"])
+    assert s["allred_score"] == 0 and s["jdm_level"] == 0 and s["clusters_10plus"] == 0
+    assert "cluster_id" in empty.columns
