@@ -129,7 +129,8 @@ def _assign_names(inputs: list[SlideInput]) -> list[str]:
     for (_stem, _marker), group in by_stem.items():
         if len(group) == 1:
             continue
-        for i, s in enumerate(group):
+        taken.add(group[0].name.lower())  # the first keeps its name
+        for i, s in enumerate(group[1:], start=1):
             base = s.name
             cand = f"{base}__{s.path.parent.name}" if s.path.parent.name else base
             if cand.lower() in taken or sum(

@@ -27,6 +27,7 @@ import re
 import sys
 import time
 import traceback
+import warnings
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -120,10 +121,17 @@ def _task_start(path: str, mpp: float | None, settings: Settings, exclusions, na
     from .wsi import measure_tile, merge_tiles, needs_tiling, prepare_slide, tile_tasks
 
     t0 = time.perf_counter()
-    with open_slide(path, mpp=mpp) as slide:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        slide = open_slide(path, mpp=mpp)
+    with slide:
         tiled = needs_tiling(slide.shape, settings)
         plan = prepare_slide(slide, settings=settings, exclusions=exclusions, name=name,
                              tile_size=tile_size, tiled=tiled)
+        for w in caught:
+            msg = str(w.message)
+            if msg not in plan.warnings:
+                plan.warnings.insert(0, msg)
         if tiled:
             return "plan", plan
         (task,) = tile_tasks(plan, mpp_override=mpp)
@@ -296,7 +304,8 @@ class _Driver:
                     p = self.out / "overlays" / f"{st.stem}.png"
                     render_overlay(result, p,
                                    fields=st.input.fields)
-                    record["overlay"] = str(p.relative_to(self.out))
+                    record["overlay"] = p.relative_to(self.out).as_posix()
+                    record["row"]["overlay"] = record["overlay"]
                 except Exception as exc:  # noqa: BLE001 - a picture must not fail a slide
                     record.setdefault("warnings", []).append(f"overlay not drawn: {exc}")
         if tb:
@@ -324,8 +333,8 @@ class _Driver:
         df = pd.DataFrame(rows)
         if len(df):
             lead = [c for c in SLIDE_LEAD_COLUMNS if c in df.columns]
-            rest = [c for c in df.columns if c not in lead and c != "warnings"]
-            tail = ["warnings"] if "warnings" in df.columns else []
+            tail = [c for c in ("overlay", "warnings") if c in df.columns]
+            rest = [c for c in df.columns if c not in lead and c not in tail]
             df = df[lead + rest + tail]
             df = _integer_columns(df)
         else:
@@ -559,6 +568,9 @@ def score_folder(
     if lock.stale_taken is not None:
         notes.append(f"took over the lock of an earlier run that no longer exists "
                      f"(pid {lock.stale_taken.get('pid')})")
+    for d in (out, out / ".parts", out / "overlays"):  # temp files of a killed run
+        for tmp in d.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
     runner = None
     driver: _Driver | None = None
     interrupted = False
