@@ -66,6 +66,11 @@ def test_compartments_agree_with_fibers_and_tissue(cd163):
     area = np.bincount(s.fibers.ravel(), minlength=n + 1)[1:] * s.mpp ** 2
     assert np.allclose(area, s.fiber_truth["area_um2"].to_numpy())
     assert set(np.unique(s.compartments)) <= set(COMPARTMENTS)
+    # fibers never touch: no two different labels are 8-neighbours
+    f = s.fibers
+    for a, b in ((f[:-1], f[1:]), (f[:, :-1], f[:, 1:]), (f[:-1, :-1], f[1:, 1:]),
+                 (f[:-1, 1:], f[1:, :-1])):
+        assert not ((a > 0) & (b > 0) & (a != b)).any()
     assert s.summary["tissue_area_mm2"] == pytest.approx(s.tissue.sum() * 0.25 / 1e6)
     # there is glass around the tissue by default, and perimysium + vessels inside it
     assert 0.6 < s.tissue.mean() < 0.97

@@ -220,8 +220,8 @@ def fascicle_field(grid: Grid, rng: np.random.Generator, *, diameter_px: float,
 # fibers: power diagram with rounded corners
 
 
-@numba.njit(cache=True)
-def _fiber_kernel(cx, cy, wt, hg, bound, fasc, nbr, sep, room, fid, step, margin,
+@numba.njit(cache=True, fastmath=True)
+def _fiber_kernel(cx, cy, A, B, C, bound, fasc, nbr, room, fid, step, margin,
                   tau, wob, wob_step, labels, dist):  # pragma: no cover - compiled
     H, W = labels.shape
     hc, wc = room.shape
@@ -275,17 +275,13 @@ def _fiber_kernel(cx, cy, wt, hg, bound, fasc, nbr, sep, room, fid, step, margin
                      + fv * ((1 - fu) * room[i0 + 1, j0] + fu * room[i0 + 1, j0 + 1]))
                 if a <= 0:
                     continue
-                pi = dx * dx + dy * dy - wt[i]
                 s = np.exp(-dc / tau) + np.exp(-a / tau)
                 ok = True
                 for k in range(kmax):
-                    j = nbr[i, k]
-                    if j < 0:
+                    if nbr[i, k] < 0:
                         break
-                    ex = x - cx[j]
-                    ey = y - cy[j]
-                    pj = ex * ex + ey * ey - wt[j]
-                    bb = (pj - pi) / (2.0 * sep[i, k]) - hg[i]
+                    # signed distance to the power bisector with neighbour k, minus half gap
+                    bb = A[i, k] * x + B[i, k] * y + C[i, k]
                     if bb <= 0:
                         ok = False
                         break
@@ -320,9 +316,18 @@ def rasterize_fibers(shape, seeds, radius, half_gap, fasc, room, fid, grid: Grid
     nbr = np.ascontiguousarray(nn.astype(np.int64))
     sep = np.ascontiguousarray(np.maximum(dd, 1e-3))
     bound = 1.3 * radius + 2.0
-    _fiber_kernel(seeds[:, 0].astype(np.float64).copy(), seeds[:, 1].astype(np.float64).copy(),
-                  (radius.astype(np.float64)) ** 2, half_gap.astype(np.float64),
-                  bound.astype(np.float64), fasc.astype(np.int64), nbr, sep,
+    # power bisector of seeds i and j as a linear function of (x, y):
+    # ((x-cj)^2 - wj - (x-ci)^2 + wi) / (2 |ci - cj|) - half_gap_i
+    cx, cy = seeds[:, 0].astype(np.float64), seeds[:, 1].astype(np.float64)
+    w = radius.astype(np.float64) ** 2
+    jx, jy, jw = cx[nn], cy[nn], w[nn]
+    den = 2.0 * sep
+    A = np.ascontiguousarray(2 * (cx[:, None] - jx) / den)
+    B = np.ascontiguousarray(2 * (cy[:, None] - jy) / den)
+    C = np.ascontiguousarray((jx ** 2 + jy ** 2 - jw - cx[:, None] ** 2 - cy[:, None] ** 2
+                              + w[:, None]) / den - half_gap.astype(np.float64)[:, None])
+    _fiber_kernel(cx.copy(), cy.copy(), A, B, C,
+                  bound.astype(np.float64), fasc.astype(np.int64), nbr,
                   room.astype(np.float32), fid, int(grid.step), float(grid.margin),
                   float(tau_px), wobble.astype(np.float32), int(wobble_step), labels, dist)
     return labels
@@ -374,11 +379,15 @@ def min_feret_px(labels: np.ndarray, n: int, n_angles: int = 36) -> np.ndarray:
     out = np.zeros(n + 1, np.float64)
     if n == 0:
         return out[1:]
-    m = labels > 0
-    er = cv2.erode(m.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-    # a pixel is a boundary pixel when its 3x3 neighbourhood leaves its own label
-    same = ndimage.minimum_filter(labels, 3) == ndimage.maximum_filter(labels, 3)
-    b = m & ~(er & same)
+    # a boundary pixel has a 4-neighbour with another label (or lies on the image border)
+    b = np.zeros(labels.shape, bool)
+    b[:-1] |= labels[:-1] != labels[1:]
+    b[1:] |= labels[1:] != labels[:-1]
+    b[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    b[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+    b[[0, -1], :] = True
+    b[:, [0, -1]] = True
+    b &= labels > 0
     ys, xs = np.nonzero(b)
     lab = labels[ys, xs]
     order = np.argsort(lab, kind="stable")

@@ -18,6 +18,8 @@ COMPARTMENTS = {0: "outside", 1: "fiber", 2: "endomysium", 3: "perimysium", 4: "
                 5: "perivascular"}
 CODE = {v: k for k, v in COMPARTMENTS.items()}
 GRADE_OD = (0.2, 0.4, 0.6)
+# normalised OD of eosin-stained fibers measured on real muscle H&E (../shared/realdata)
+EOSIN_MUSCLE = (0.08, 0.93, 0.36)
 
 class _Nuc(NamedTuple):
     """A nucleus (or red cell) to draw: centre px, semi-axes px, angle rad, OD values."""
@@ -435,37 +437,50 @@ def _build_geometry(p: dict) -> tuple[_Geo, dict]:
     return geo, extra
 
 
-def _cell_shape(rng, d_px, x, y):
-    """Irregular macrophage outline + nucleus: returns a dict with patch arrays."""
-    R = int(math.ceil(0.5 * d_px * 1.3)) + 2
+def _cell_shape(rng, d_px, x, y, *, theta=None, elong=None):
+    """Irregular macrophage outline + nucleus: returns a dict with patch arrays.
+
+    ``d_px`` is the equivalent diameter; the outline is an ellipse of axis ratio ``elong``
+    along ``theta`` (radians; random when None) with random low-order harmonics and one or two
+    short processes.
+    """
+    if elong is None:
+        elong = rng.uniform(0.6, 0.95)
+    if theta is None:
+        theta = rng.uniform(0, np.pi)
+    a = 0.5 * d_px / math.sqrt(elong)  # keep the area of a disk of diameter d_px
+    R = int(math.ceil(a * 1.45)) + 2
     yy, xx = np.mgrid[-R:R + 1, -R:R + 1].astype(np.float32)
-    fx, fy = x - round(x), y - round(y)
-    xx -= fx
-    yy -= fy
-    ang = np.arctan2(yy, xx)
-    rad = np.full_like(ang, 0.5 * d_px)
-    elong = rng.uniform(0.75, 1.0)
-    th = rng.uniform(0, np.pi)
-    c, s = math.cos(th), math.sin(th)
+    xx -= x - round(x)
+    yy -= y - round(y)
+    c, s = math.cos(theta), math.sin(theta)
     u = xx * c + yy * s
     v = (-xx * s + yy * c) / elong
     r = np.sqrt(u * u + v * v)
     ang = np.arctan2(v, u)
-    for k in (2, 3, 4, 5):
-        rad = rad * (1 + rng.uniform(0, 0.12 / (k - 1)) * np.cos(k * ang + rng.uniform(0, 6.3)))
+    rad = np.full_like(ang, a)
+    for k in (2, 3, 4, 5, 7):
+        rad = rad * (1 + rng.uniform(0, 0.2 / (k - 1) ** 0.8) * np.cos(k * ang + rng.uniform(0, 6.3)))
+    for _ in range(int(rng.integers(0, 3))):  # short processes
+        a0 = rng.uniform(-np.pi, np.pi)
+        dang = np.angle(np.exp(1j * (ang - a0)))
+        rad = rad * (1 + rng.uniform(0.15, 0.35) * np.exp(-0.5 * (dang / 0.25) ** 2))
     rho = r / rad
     mask = rho <= 1.0
-    # nucleus: oval, off-centre, 35-50 % of the cell diameter
-    na = 0.5 * d_px * rng.uniform(0.32, 0.45)
-    nb = na * rng.uniform(0.6, 0.9)
-    off = rng.uniform(0, 0.3) * 0.5 * d_px
+    # nucleus: oval / kidney-shaped, off-centre, 35-50 % of the cell diameter
+    na = 0.5 * d_px * rng.uniform(0.35, 0.5)
+    nb = na * rng.uniform(0.55, 0.85)
+    off = rng.uniform(0, 0.25) * 0.5 * d_px
     oa = rng.uniform(0, 2 * np.pi)
-    nth = rng.uniform(0, np.pi)
+    nth = theta + rng.uniform(-0.4, 0.4)
     cn, sn = math.cos(nth), math.sin(nth)
     ux = xx - off * math.cos(oa)
     uy = yy - off * math.sin(oa)
-    nrho = np.sqrt(((ux * cn + uy * sn) / na) ** 2 + ((-ux * sn + uy * cn) / nb) ** 2)
-    nuc = (nrho <= 1.0) & mask
+    nu = (ux * cn + uy * sn) / na
+    nv = (-ux * sn + uy * cn) / nb
+    nv = nv + 0.25 * (nu ** 2) * (rng.random() < 0.5)  # bean shape
+    nrho = np.sqrt(nu ** 2 + nv ** 2)
+    nuc = (nrho <= 1.0) & (rho <= 0.85)
     return dict(x=float(x), y=float(y), d_px=float(d_px), R=R, rho=rho.astype(np.float32),
                 mask=mask, nuc=nuc, cyr=int(round(y)), cxr=int(round(x)))
 
@@ -482,7 +497,10 @@ def _place_cells(p, comp, tissue, raw, *, rng) -> list:
     # clusters first
     clusters = []
     if p["n_clusters"] and n_total > 0:
-        cidx = np.flatnonzero(((comp == 2) | (comp == 3) | (comp == 5)).ravel())
+        inner = np.zeros_like(tissue)
+        bm = int(min(60 * um, 0.2 * min(H, W)))
+        inner[bm:H - bm, bm:W - bm] = True  # keep clusters whole inside the image
+        cidx = np.flatnonzero((((comp == 2) | (comp == 3) | (comp == 5)) & inner).ravel())
         if len(cidx):
             cents = rng.choice(cidx, int(p["n_clusters"]), replace=False) \
                 if len(cidx) >= p["n_clusters"] else cidx
@@ -527,10 +545,18 @@ def _place_cells(p, comp, tissue, raw, *, rng) -> list:
                 for q in got:
                     positions.append((q[0], q[1], -1))
                     placed.append((q[0], q[1]))
+    # orientation: along the nearest fiber border (cells squeezed between fibers are elongated)
+    dfib = cv2.distanceTransform((raw == 0).astype(np.uint8), cv2.DIST_L2, 3)
     # diameters: mostly 10-16 µm
     for x, y, ci in positions:
         d = float(np.clip(rng.normal(0.5 * (lo + hi) - 1, (hi - lo) / 5), lo, hi))
-        c = _cell_shape(rng, d * um, x, y)
+        iy, ix = min(max(int(y), 1), H - 2), min(max(int(x), 1), W - 2)
+        gx = float(dfib[iy, ix + 1]) - float(dfib[iy, ix - 1])
+        gy = float(dfib[iy + 1, ix]) - float(dfib[iy - 1, ix])
+        near = dfib[iy, ix] < 0.5 * d * um
+        theta = math.atan2(gy, gx) + np.pi / 2 if (gx or gy) else None
+        elong = rng.uniform(0.4, 0.75) if near and ci < 0 else rng.uniform(0.65, 0.95)
+        c = _cell_shape(rng, d * um, x, y, theta=theta, elong=elong)
         c["cluster"] = int(ci)
         out.append(c)
         # carve fibers under the cell (+1 µm) so cells sit between displaced fibers
@@ -547,11 +573,32 @@ def _place_cells(p, comp, tissue, raw, *, rng) -> list:
 # staining
 
 
-def _collagen(rng, shape, um):
-    """Wavy fibrillar texture in 0..1 for connective tissue."""
-    t = G.smooth_noise(rng, shape, 5 * um)
-    fib = 0.5 + 0.5 * np.cos(2 * np.pi * 1.4 * t)
-    return fib.astype(np.float32)
+def _fibrillar(rng, theta, um, n_bins: int = 8):
+    """Collagen-like fibrillar texture (float32, ~0..1) running along the angle field ``theta``.
+
+    White noise filtered with anisotropic Gaussian line kernels (long 3.5 µm, thin 0.5 µm) in
+    ``n_bins`` orientations, blended linearly between the two orientations nearest ``theta``.
+    """
+    shape = theta.shape
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    sl, ss = 3.5 * um, max(0.5 * um, 0.6)
+    half = int(math.ceil(2.5 * sl))
+    yy, xx = np.mgrid[-half:half + 1, -half:half + 1].astype(np.float32)
+    pos = np.mod(theta / (np.pi / n_bins), n_bins).astype(np.float32)
+    lo = np.floor(pos).astype(np.int8)
+    frac = pos - lo
+    hi = np.mod(lo + 1, n_bins).astype(np.int8)
+    out = np.zeros(shape, np.float32)
+    for b in range(n_bins):
+        a = b * np.pi / n_bins
+        u = xx * math.cos(a) + yy * math.sin(a)
+        v = -xx * math.sin(a) + yy * math.cos(a)
+        k = np.exp(-0.5 * ((u / sl) ** 2 + (v / ss) ** 2)).astype(np.float32)
+        k /= np.sqrt((k ** 2).sum())
+        t = cv2.filter2D(noise, -1, k, borderType=cv2.BORDER_REFLECT)
+        w = np.where(lo == b, 1 - frac, 0) + np.where(hi == b, frac, 0)
+        out += w * t
+    return (0.5 + 0.5 * np.tanh(0.9 * out)).astype(np.float32)
 
 
 def _stain(p, geo: _Geo, extra) -> dict:
@@ -570,37 +617,49 @@ def _stain(p, geo: _Geo, extra) -> dict:
     eos = np.zeros((H, W), np.float32) if is_he else None
 
     fmask = fibers > 0
-    # fiber baseline: faint granular counterstain, per-fiber tint
-    ftint = np.r_[0, rng.uniform(0.7, 1.3, nfib)].astype(np.float32)
-    grain = G.fine_noise(rng, (H, W), 0.6 * um)
-    base_f = (0.055 if not is_he else 0.07) * ftint[fibers]
-    hema[fmask] = (base_f * (1 + 0.22 * grain))[fmask]
-    # connective tissue
-    coll = _collagen(rng, (H, W), um)
+    # orientation of connective tissue: parallel to the nearest fiber border
+    dfib = cv2.distanceTransform((~fmask).astype(np.uint8), cv2.DIST_L2, 3)
+    # doubled-angle smoothing so opposite gradients do not cancel; wavy random perturbation
+    gy, gx = np.gradient(dfib)
+    c2 = cv2.GaussianBlur(gx * gx - gy * gy, (0, 0), 6.0 * um)
+    s2 = cv2.GaussianBlur(2 * gx * gy, (0, 0), 6.0 * um)
+    theta = (0.5 * np.arctan2(s2, c2) + np.pi / 2
+             + 0.45 * G.smooth_noise(rng, (H, W), 12 * um)).astype(np.float32)
+    del gy, gx, c2, s2
+    # fiber baseline: faint stippled counterstain, slow mottling, per-fiber tint
+    ftint = np.r_[0, rng.uniform(0.75, 1.25, nfib)].astype(np.float32)
+    grain = G.fine_noise(rng, (H, W), 0.5 * um)
+    mottle = G.smooth_noise(rng, (H, W), 4 * um)
+    ftex = 1 + 0.10 * grain + 0.08 * mottle
+    base_f = (0.05 if not is_he else 0.025) * ftint[fibers]
+    hema[fmask] = (base_f * ftex)[fmask]
+    # connective tissue: fibrillar collagen, loose perimysium with empty spaces
+    coll = _fibrillar(rng, theta, um)
+    del theta
     endo = comp == 2
     peri = (comp == 3) | (comp == 5)
-    loose = G.smooth_noise(rng, (H, W), 7 * um)
-    retraction = (loose > 1.1).astype(np.float32)
-    hema[endo] = (0.12 * (0.7 + 0.5 * coll) * (1 + 0.15 * grain))[endo]
-    hema[peri] = (0.085 * (0.5 + 0.8 * coll) * (1 - 0.75 * retraction))[peri]
+    loose = G.smooth_noise(rng, (H, W), 6 * um)
+    retraction = np.clip((loose - 0.9) / 0.4, 0, 1).astype(np.float32)
+    hema[endo] = (0.10 * (0.55 + 0.7 * coll))[endo]
+    hema[peri] = (0.08 * (0.25 + 1.1 * coll) * (1 - 0.8 * retraction))[peri]
     if is_he:
-        tint_e = np.r_[0, rng.uniform(0.8, 1.2, nfib)].astype(np.float32)
-        eos[fmask] = (0.42 * tint_e[fibers] * (1 + 0.08 * grain))[fmask]
-        eos[endo] = (0.25 * (0.7 + 0.5 * coll))[endo]
-        eos[peri] = (0.2 * (0.4 + 0.9 * coll) * (1 - 0.8 * retraction))[peri]
+        tint_e = np.r_[0, rng.uniform(0.85, 1.15, nfib)].astype(np.float32)
+        eos[fmask] = (0.30 * tint_e[fibers] * (1 + 0.05 * grain + 0.05 * mottle))[fmask]
+        eos[endo] = (0.16 * (0.55 + 0.7 * coll))[endo]
+        eos[peri] = (0.14 * (0.25 + 1.1 * coll) * (1 - 0.8 * retraction))[peri]
     # non-specific DAB background (not cells)
     if not is_he:
         bgf = np.clip(1 + 0.5 * G.smooth_noise(rng, (H, W), 80 * um), 0.2, 2.0)
         bg = p["background_dab"] * bgf
         conn = tissue & ~fmask
-        dab[fmask] = (0.8 * bg * (1 + 0.15 * grain))[fmask]
-        dab[conn] = (1.25 * bg * (0.6 + 0.6 * coll))[conn]
+        dab[fmask] = (0.8 * bg * ftex)[fmask]
+        dab[conn] = (1.25 * bg * (0.4 + 0.9 * coll) * (1 - 0.6 * retraction))[conn]
         # a few faint blotches in connective tissue, clearly below 1+
         blot = G.smooth_noise(rng, (H, W), 12 * um)
         bl = np.clip(blot - 1.8, 0, None) * 0.12
         np.minimum(bl, 0.12, out=bl)
         dab[conn] += bl[conn]
-    del grain, coll, loose, retraction
+    del grain, coll, loose, retraction, mottle, ftex
 
     # ---- vessels
     vtab = []
@@ -657,8 +716,8 @@ def _stain(p, geo: _Geo, extra) -> dict:
             y = v["y"] + lx * sn + ly * c
             nuclei.append(_Nuc(x, y, 4.5 * um, 1.4 * um, math.atan2(y - v["y"], x - v["x"]) + np.pi / 2,
                            rngv.uniform(0.45, 0.7), 0.0, "endothelial_nucleus", 5.0, False))
-        m = rho <= 1
-        dmean = float(d[m & vt].mean()) if (m & vt).any() else 0.0
+        m = wall & vt  # positivity of a vessel: mean DAB of its wall (lumen excluded)
+        dmean = float(d[m].mean()) if m.any() else 0.0
         vtab.append(dict(x_px=v["x"], y_px=v["y"], diameter_um=2 * v["a"] * mpp,
                          kind=v["kind"], dab_od_mean=dmean))
     # ---- capillaries
@@ -678,7 +737,7 @@ def _stain(p, geo: _Geo, extra) -> dict:
         lum = rho <= 0.45
         t = tissue[sl] & (fibers[sl] == 0)
         hema[sl][ring & t] = 0.17
-        hema[sl][lum & t] = 0.02
+        hema[sl][lum & t] = 0.05
         if is_he:
             eos[sl][ring & t] = 0.35
             eos[sl][lum & t] = 0.55  # a red cell in the lumen
@@ -691,7 +750,7 @@ def _stain(p, geo: _Geo, extra) -> dict:
             nuclei.append(_Nuc(c["x"] + 0.7 * c["a"] * math.cos(ang), c["y"] + 0.7 * c["a"] * math.sin(ang),
                            3.0 * um, 1.3 * um, ang + np.pi / 2, rngv.uniform(0.45, 0.65), 0.0,
                            "endothelial_nucleus", 4.0, False))
-        m = (rho <= 1) & t
+        m = ring & t  # endothelial ring, lumen excluded
         cap_od[i] = float(dab[sl][m].mean()) if m.any() else 0.0
         vtab.append(dict(x_px=c["x"], y_px=c["y"], diameter_um=2 * c["a"] * mpp,
                          kind="capillary", dab_od_mean=cap_od[i]))
@@ -704,7 +763,9 @@ def _stain(p, geo: _Geo, extra) -> dict:
     if marker == "MHC-I" and nfib:
         npos = int(round(p["positive_fiber_fraction"] * nfib))
         if p["perifascicular_pattern"]:
-            wgt = np.exp(-np.maximum(geo.edge_um, 0) / 60.0) + 1e-3
+            # distance from the fiber's border (not centre) to the perimysium
+            gap = geo.edge_um - np.sqrt(extra["area_px"] / np.pi) * mpp
+            wgt = np.exp(-np.maximum(gap, 0) / 25.0) + 0.03
         else:
             wgt = np.ones(nfib)
         chosen = rngf.choice(nfib, npos, replace=False, p=wgt / wgt.sum()) + 1 if npos else []
@@ -767,14 +828,14 @@ def _stain(p, geo: _Geo, extra) -> dict:
             a = rngn.uniform(3.0, 4.8) * um
             b = rngn.uniform(1.2, 1.7) * um
             nuclei.append(_Nuc(x + rngn.uniform(-.5, .5), y + rngn.uniform(-.5, .5), a, b, th,
-                           rngn.uniform(0.5, 0.8), 0.0, "myonucleus", 2 * math.sqrt(a * b) * mpp,
+                           rngn.uniform(0.4, 0.7), 0.0, "myonucleus", 2 * math.sqrt(a * b) * mpp,
                            False))
         del gy, gx
         has = rngn.random(nfib) < p["central_nuclei_fraction"]
         n_internal[1:][has] = 1 + (rngn.random(int(has.sum())) < 0.3)
         if has.any():
-            from scipy import ndimage
-            mxd = np.r_[0, ndimage.maximum(fdist, fibers, np.arange(1, nfib + 1))]
+            mxd = np.zeros(nfib + 1, np.float32)
+            np.maximum.at(mxd, fibers[fmask], fdist[fmask])
             central = fdist >= 0.65 * mxd[fibers]
             central &= fmask & (n_internal[fibers] > 0)
             idx = np.flatnonzero(central.ravel())
@@ -794,7 +855,6 @@ def _stain(p, geo: _Geo, extra) -> dict:
     tissue_mm2 = float(tissue.sum()) * mpp * mpp / 1e6
     n_int = int(rngn.poisson(p["interstitial_nuclei_per_mm2"] * tissue_mm2))
     if n_int:
-        nf = ((comp == 2) | (comp == 3) | (comp == 5))
         idx_e = np.flatnonzero((comp == 2).ravel())
         idx_p = np.flatnonzero(((comp == 3) | (comp == 5)).ravel())
         ne = n_int // 2 if len(idx_p) else n_int
@@ -804,18 +864,15 @@ def _stain(p, geo: _Geo, extra) -> dict:
         if len(idx_p):
             picks.append(rngn.choice(idx_p, min(n_int - ne, len(idx_p)), replace=False))
         picks = np.concatenate(picks) if picks else np.zeros(0, int)
-        dnf = cv2.distanceTransform((~nf).astype(np.uint8), cv2.DIST_L2, 3)  # dist to fibers
-        dfib = cv2.distanceTransform((~fmask).astype(np.uint8), cv2.DIST_L2, 3)
         gy, gx = np.gradient(cv2.GaussianBlur(dfib, (0, 0), 1.5 * um))
-        del dnf
         for k in picks:
             y, x = divmod(int(k), W)
             th = math.atan2(gy[y, x], gx[y, x]) + np.pi / 2
             a = rngn.uniform(3.0, 5.0) * um
             b = rngn.uniform(1.1, 1.8) * um
-            nuclei.append(_Nuc(x + .5, y + .5, a, b, th, rngn.uniform(0.55, 0.9), 0.0,
+            nuclei.append(_Nuc(x + .5, y + .5, a, b, th, rngn.uniform(0.45, 0.8), 0.0,
                            "interstitial_nucleus", 2 * math.sqrt(a * b) * mpp, False))
-        del gy, gx, dfib
+        del gy, gx
 
     # ---- Ki67-like nuclear marker
     if marker == "Ki67":
@@ -845,7 +902,7 @@ def _stain(p, geo: _Geo, extra) -> dict:
         cv2.ellipse(nuc_h, c, ax, ang, 0, 360, float(h), -1, cv2.LINE_8, SH)
         if d > 0:
             cv2.ellipse(nuc_d, c, ax, ang, 0, 360, float(d), -1, cv2.LINE_8, SH)
-    chrom = 1 + 0.18 * G.fine_noise(rngn, (H, W), 0.5 * um)
+    chrom = np.clip(1 + 0.25 * G.fine_noise(rngn, (H, W), 0.45 * um), 0.4, 1.6)
     nuc_h *= chrom
     del chrom
     nm = nuc_h > 0
@@ -896,7 +953,7 @@ def _stain(p, geo: _Geo, extra) -> dict:
         if not is_he:
             np.maximum(dab[sl], dpatch, out=dab[sl])
         hp = np.where(mask, 0.07, 0).astype(np.float32)
-        hp[nucm] = rngc.uniform(0.35, 0.55) * p["counterstain"] * (
+        hp[nucm] = rngc.uniform(0.22, 0.4) * p["counterstain"] * (
             1 + 0.12 * rngc.standard_normal(int(nucm.sum())))
         np.maximum(hema[sl], hp, out=hema[sl])
         if is_he:
@@ -1031,6 +1088,9 @@ def _stain_model(p) -> StainModel:
     names = base.names
     if p["stain_vectors"] is not None:
         vec = np.asarray(p["stain_vectors"], float)[:2]
+    elif he:
+        # eosin as measured on real muscle H&E (absorbs green and some blue: pink, not magenta)
+        vec = np.vstack([base.vectors[0], EOSIN_MUSCLE])
     else:
         vec = np.asarray(base.vectors[:2])
     vec = np.vstack([_rotate(v, p["vector_jitter_deg"], rng) for v in vec])
