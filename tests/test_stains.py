@@ -335,6 +335,21 @@ def test_estimate_background_from_glass_and_pale_tissue():
             255.0, 255.0, 255.0)
 
 
+@pytest.mark.parametrize("glass_fraction", [0.05, 0.02])
+def test_estimate_background_with_little_glass(glass_fraction):
+    """A field almost filled by pale, nearly grey tissue: the small glass peak still wins."""
+    rng = np.random.default_rng(0)
+    h, w = 400, 400
+    ng = int(w * glass_fraction)
+    img = np.empty((h, w, 3))
+    img[:, :ng] = (236, 231, 242)
+    img[:, ng:] = (np.array([200.0, 192.0, 208.0]) + rng.normal(0, 12, (h, w - ng, 1))
+                   + rng.normal(0, 3, (h, w - ng, 3)))
+    img += rng.normal(0, 2, img.shape)
+    rgb = np.clip(np.round(img), 0, 255).astype(np.uint8)
+    np.testing.assert_allclose(estimate_background(rgb), (236, 231, 242), atol=1.0)
+
+
 def test_estimate_background_without_glass_warns_and_falls_back():
     rgb = np.full((64, 64, 3), (140, 90, 150), np.uint8)
     with pytest.warns(UserWarning, match="no glass"):
