@@ -144,7 +144,7 @@ class DaskRunner:
             self.description = f"dask LocalCluster ({n_workers} worker processes)"
         else:
             try:
-                self._client = Client(address, timeout="20s")
+                self._client = Client(address, timeout="10s")
             except OSError as exc:
                 raise InputError(f"cannot reach the dask scheduler at {address}: {exc}; start "
                                  "it with 'dask scheduler' (see docs/cluster.md)") from None
