@@ -97,11 +97,12 @@ def _fmt_p(p: float) -> str:
 
 def slope_figure(paired: pd.DataFrame, *, marker: str, metric: str, timepoints: list[str],
                  groups: list[str], stats: pd.DataFrame | None = None,
-                 thresholds: tuple[float, ...] = ()) -> Figure:
+                 thresholds: tuple[float, ...] = (), max_labels: int = 20) -> Figure:
     """Paired slope plot: one line per patient across timepoints, coloured by group.
 
     Thick lines are group medians.  Patients with a single timepoint are drawn as lone points.
-    ``thresholds`` (presence thresholds of this metric) are drawn as dotted lines.
+    ``thresholds`` (presence thresholds of this metric) are drawn as dotted lines.  With at
+    most ``max_labels`` patients each line is labelled with the patient id at its last point.
     """
     sub = paired[(paired["marker"] == marker) & (paired["metric"] == metric)]
     colors = group_colors(groups)
@@ -110,12 +111,17 @@ def slope_figure(paired: pd.DataFrame, *, marker: str, metric: str, timepoints: 
     x = np.arange(len(timepoints), dtype=float)
     rng = np.random.default_rng(0)
     alpha = float(np.clip(2.2 / np.sqrt(max(len(sub), 1)), 0.15, 0.6))
+    label_patients = len(sub) <= max_labels
+    labels: list[tuple[int, float, float, str, str]] = []
     for _, r in sub.iterrows():
         y = np.array([r[f"value_{tp}"] for tp in timepoints], dtype=float)
         jit = rng.uniform(-0.04, 0.04)
         c = colors.get(r["group"], NO_GROUP)
         ok = np.isfinite(y)
         ax.plot(x[ok] + jit, y[ok], "-o", color=c, alpha=alpha, lw=1.2, ms=4.5)
+        if label_patients and ok.any():
+            last = int(np.flatnonzero(ok)[-1])
+            labels.append((last, float(y[last]), x[last] + jit, str(r["patient"]), c))
     handles = []
     for g in [*groups, ""]:
         gs = sub[sub["group"] == g]
@@ -131,7 +137,7 @@ def slope_figure(paired: pd.DataFrame, *, marker: str, metric: str, timepoints: 
         label = f"{g or 'no group'} (n={len(gs)})"
         handles.append(Line2D([0], [0], color=c, lw=2.5, label=label))
     ax.set_xticks(x, timepoints)
-    ax.set_xlim(-0.35, len(timepoints) - 0.65)
+    ax.set_xlim(-0.35, len(timepoints) - (0.5 if label_patients else 0.65))
     ax.set_xlabel("timepoint")
     ax.set_ylabel(metric_label(metric))
     title = f"{marker}: {metric_label(metric)}"
@@ -146,6 +152,8 @@ def slope_figure(paired: pd.DataFrame, *, marker: str, metric: str, timepoints: 
     ax.grid(axis="y", alpha=0.3)
     ax.set_ylim(bottom=min(0.0, float(np.nanmin(
         sub[[f"value_{tp}" for tp in timepoints]].to_numpy(float))) if len(sub) else 0.0))
+    if labels:
+        _place_labels(ax, labels)
     for thr in thresholds:
         ax.axhline(thr, color="0.25", lw=1.0, ls=":")
         handles.append(Line2D([0], [0], color="0.25", lw=1.0, ls=":",
@@ -158,6 +166,29 @@ def slope_figure(paired: pd.DataFrame, *, marker: str, metric: str, timepoints: 
         ax.legend(handles=handles + extra, fontsize=8, frameon=False, loc="upper left",
                   bbox_to_anchor=(1.01, 1.0))
     return fig
+
+
+def _place_labels(ax, labels: list[tuple[int, float, float, str, str]]) -> None:
+    """Patient ids right of each line's last point, pushed apart vertically to stay legible."""
+    lo, hi = ax.get_ylim()
+    gap = 0.038 * (hi - lo)
+    for col in sorted({lab[0] for lab in labels}):
+        group = sorted((lab for lab in labels if lab[0] == col), key=lambda t: t[1])
+        ys = np.array([g[1] for g in group])
+        adj = ys.copy()
+        for i in range(1, adj.size):
+            adj[i] = max(adj[i], adj[i - 1] + gap)
+        adj -= max(0.0, (adj - ys).mean())  # re-centre the stack on the points
+        adj[0] = max(adj[0], lo + 0.5 * gap)  # keep the lowest label inside the axes
+        for i in range(1, adj.size):
+            adj[i] = max(adj[i], adj[i - 1] + gap)
+        for (_, y, xp, text, color), ya in zip(group, adj, strict=True):
+            xt = col + 0.09
+            ax.text(xt, ya, text, fontsize=7, color=color, va="center", ha="left", zorder=6,
+                    bbox={"boxstyle": "square,pad=0.05", "fc": "white", "ec": "none",
+                          "alpha": 0.8})
+            if abs(ya - y) > 0.25 * gap:
+                ax.plot([xp + 0.01, xt - 0.01], [y, ya], color=color, lw=0.5, alpha=0.7)
 
 
 def change_figure(paired: pd.DataFrame, *, marker: str, metric: str, timepoints: list[str],
