@@ -140,7 +140,9 @@ class MhcParams:
     diffuse_min_region_pct : float
         Diffuse when at least this % of regions are involved, else focal.
     capillary_od, capillary_min_area_um2, capillary_max_area_um2, capillary_max_lumen_um2,
-    capillary_max_elongation, capillary_min_contrast_od, capillary_level_step_od : float
+    capillary_max_elongation, capillary_min_contrast_od, capillary_level_step_od,
+    capillary_nucleus_od, capillary_max_nucleus_um2 : float
+    capillary_codes : tuple of int
         Internal control: positive capillary / small vessel objects outside the fibers (see
         :class:`biopsyquant.pixels.PixelParams`).
     control_min_od : float
@@ -172,20 +174,23 @@ class MhcParams:
     diffuse_min_region_pct: float = 50.0
     capillary_od: float = 0.3
     capillary_min_area_um2: float = 8.0
-    capillary_max_area_um2: float = 120.0
-    capillary_max_lumen_um2: float = 40.0
+    capillary_max_area_um2: float = 80.0
+    capillary_max_lumen_um2: float = 120.0
     capillary_max_elongation: float = 3.0
     capillary_min_contrast_od: float = 0.1
-    capillary_level_step_od: float = 0.1
+    capillary_level_step_od: float = 0.0
+    capillary_codes: tuple = (2,)
+    capillary_nucleus_od: float = 0.3
+    capillary_max_nucleus_um2: float = 18.0
     control_min_od: float = 0.3
 
     def __post_init__(self) -> None:
         for f in self.__dataclass_fields__:
             v = getattr(self, f)
-            if f == "fascicle_edge_codes":
+            if f in ("fascicle_edge_codes", "capillary_codes"):
                 if not all(isinstance(c, int) and 0 <= c <= 255 for c in v):
-                    raise InputError(f"MhcParams.fascicle_edge_codes must be compartment codes "
-                                     f"0-255, got {v!r}")
+                    raise InputError(f"MhcParams.{f} must be compartment codes 0-255, got "
+                                     f"{v!r}")
                 continue
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
                 raise InputError(f"MhcParams.{f} must be a finite number, got {v!r}")
@@ -454,14 +459,17 @@ def measure(ctx: ImageContext) -> Measurements:
                            rgb=ctx.rgb, background=ctx.stain_model.background,
                            compartments=ctx.compartments)
     comp = np.asarray(ctx.compartments)
-    region = np.asarray(ctx.analysed, bool) & (comp >= 2)
+    region = np.asarray(ctx.analysed, bool) & np.isin(comp, np.asarray(p.capillary_codes,
+                                                                         np.uint8))
     ves = positive_vessels(ctx.dab_od, region=region, mpp=mpp, own=ctx.own,
                            threshold_od=p.capillary_od, min_area_um2=p.capillary_min_area_um2,
                            max_area_um2=p.capillary_max_area_um2,
                            max_lumen_um2=p.capillary_max_lumen_um2,
                            max_elongation=p.capillary_max_elongation,
                            min_contrast_od=p.capillary_min_contrast_od,
-                           level_step_od=p.capillary_level_step_od)
+                           level_step_od=p.capillary_level_step_od, hema_od=ctx.hema_od,
+                           nucleus_od=p.capillary_nucleus_od,
+                           max_nucleus_um2=p.capillary_max_nucleus_um2)
     counts = {
         "capillary_n": int(len(ves)),
         "capillary_stained_px": int(ves["stained_px"].sum()) if len(ves) else 0,

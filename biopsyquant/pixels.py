@@ -29,13 +29,17 @@ freezing artefacts, tears — are removed as *lumina*: connected regions of at l
 ``lumen_min_area_um2`` whose total optical density (sum of the R, G, B OD) stays below
 ``lumen_max_total_od``. Their pixels are neither positive nor part of the denominator.
 
-**Positive capillaries / vessels.** DAB-positive (OD ≥ ``capillary_od``) connected objects
-outside the fibers (codes 2–5), with their small enclosed lumen (≤ ``capillary_max_lumen_um2``)
+**Positive capillaries.** DAB-positive (OD ≥ ``capillary_od``) connected objects in the
+endomysium (``capillary_codes``), with their enclosed lumen (≤ ``capillary_max_lumen_um2``)
 filled, whose filled area lies between ``capillary_min_area_um2`` and
-``capillary_max_area_um2`` and whose moment-ellipse axis ratio is at most
-``capillary_max_elongation``. They are counted by the tile that owns their centroid, so tile
-counts add up. Note: a DAB-positive inflammatory cell of capillary size in the endomysium is
-indistinguishable from a capillary by shape alone and is counted too.
+``capillary_max_area_um2`` (8–80 µm²: 3–10 µm across), whose moment-ellipse axis ratio is at
+most ``capillary_max_elongation``, whose mean DAB exceeds that of the tissue around them by
+``capillary_min_contrast_od`` and which hold at most ``capillary_max_nucleus_um2`` of
+hematoxylin-dense nucleus. Blobs too large at ``capillary_od`` (a capillary merged with stained
+endomysium) are re-thresholded ``capillary_level_step_od`` higher until they split. Objects are
+counted by the tile that owns their centroid, so tile counts add up. Limitation: a small
+DAB-positive inflammatory cell (< 10 µm) in the endomysium whose nucleus is masked by DAB looks
+like a capillary and is counted too.
 
 :func:`measure` returns only additive numbers (pixel counts per class and group, OD sums,
 owned objects) so whole-slide scoring can sum tiles; :func:`summarize` turns the totals into
@@ -113,6 +117,11 @@ class PixelParams:
     capillary_level_step_od : float
         Blobs too large at ``capillary_od`` (capillaries merged with stained interstitium) are
         re-thresholded in steps of this much (up to 1.0 OD); 0 = a single threshold.
+    capillary_codes : tuple of int
+        Compartment codes where capillaries are searched (default endomysium, 2).
+    capillary_nucleus_od, capillary_max_nucleus_um2 : float
+        Objects with more than ``capillary_max_nucleus_um2`` of hematoxylin ≥
+        ``capillary_nucleus_od`` are positive cells, not capillaries.
     """
 
     weak_od: float = 0.2
@@ -124,18 +133,22 @@ class PixelParams:
     lumen_fill_um2: float = 30.0
     capillary_od: float = 0.2
     capillary_min_area_um2: float = 8.0
-    capillary_max_area_um2: float = 120.0
-    capillary_max_lumen_um2: float = 40.0
+    capillary_max_area_um2: float = 80.0
+    capillary_max_lumen_um2: float = 120.0
     capillary_max_elongation: float = 3.0
     capillary_min_contrast_od: float = 0.1
-    capillary_level_step_od: float = 0.1
+    capillary_level_step_od: float = 0.0
+    capillary_codes: tuple = (2,)
+    capillary_nucleus_od: float = 0.3
+    capillary_max_nucleus_um2: float = 18.0
 
     def __post_init__(self) -> None:
         for name in ("weak_od", "moderate_od", "strong_od", "lumen_max_total_od",
                      "lumen_min_area_um2", "lumen_fill_um2", "capillary_od",
                      "capillary_min_contrast_od", "capillary_level_step_od",
                      "capillary_min_area_um2", "capillary_max_area_um2",
-                     "capillary_max_lumen_um2", "capillary_max_elongation"):
+                     "capillary_max_lumen_um2", "capillary_max_elongation",
+                     "capillary_nucleus_od", "capillary_max_nucleus_um2"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
                 raise InputError(f"PixelParams.{name} must be a finite number, got {v!r}")
@@ -146,6 +159,9 @@ class PixelParams:
         if self.capillary_max_area_um2 <= self.capillary_min_area_um2:
             raise InputError("PixelParams.capillary_max_area_um2 must exceed "
                              "capillary_min_area_um2")
+        if not all(isinstance(c, int) and 0 <= c <= 255 for c in self.capillary_codes):
+            raise InputError("PixelParams.capillary_codes must be compartment codes 0-255, got "
+                             f"{self.capillary_codes!r}")
         if self.capillary_max_elongation < 1:
             raise InputError("PixelParams.capillary_max_elongation must be >= 1, got "
                              f"{self.capillary_max_elongation}")
@@ -409,9 +425,10 @@ def pixel_summary(counts: dict, *, groups=GROUPS) -> dict:
 def positive_vessels(dab_od: np.ndarray, *, region: np.ndarray, mpp: float,
                      own: np.ndarray | None = None, threshold_od: float = 0.2,
                      min_area_um2: float = 8.0, max_area_um2: float = 120.0,
-                     max_lumen_um2: float = 40.0, max_elongation: float = 3.0,
-                     min_contrast_od: float = 0.1, level_step_od: float = 0.1,
-                     max_level_od: float = 1.0) -> pd.DataFrame:
+                     max_lumen_um2: float = 120.0, max_elongation: float = 3.0,
+                     min_contrast_od: float = 0.1, level_step_od: float = 0.0,
+                     max_level_od: float = 1.0, hema_od: np.ndarray | None = None,
+                     nucleus_od: float = 0.3, max_nucleus_um2: float = 18.0) -> pd.DataFrame:
     """DAB-positive capillaries / small vessels: round positive objects in ``region``.
 
     Parameters
@@ -439,6 +456,13 @@ def positive_vessels(dab_od: np.ndarray, *, region: np.ndarray, mpp: float,
         Blobs larger than ``max_area_um2`` at ``threshold_od`` (a capillary merged with stained
         interstitium) are thresholded again ``level_step_od`` higher, up to ``max_level_od``;
         an object is taken at the lowest level where it is valid (0 step = one level only).
+    hema_od : ndarray of float32, (H, W), optional
+        Hematoxylin OD. With it, objects holding more than ``max_nucleus_um2`` of nucleus
+        (hematoxylin ≥ ``nucleus_od``) are DAB-positive cells (macrophages, inflammatory
+        cells), not capillaries: a capillary cross-section shows at most one flat endothelial
+        nucleus.
+    nucleus_od, max_nucleus_um2 : float
+        See ``hema_od``.
 
     Returns
     -------
@@ -453,6 +477,9 @@ def positive_vessels(dab_od: np.ndarray, *, region: np.ndarray, mpp: float,
     empty = pd.DataFrame({c: pd.Series(dtype=float) for c in cols})
     if own is not None:
         own = _check_2d(own, shape, "own", np.bool_)
+    nuc = None
+    if hema_od is not None:
+        nuc = _check_2d(hema_od, shape, "hema_od") >= nucleus_od
     px_um2 = mpp * mpp
     ring_px = max(1, int(round(2.0 / mpp)))
     ring_k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ring_px + 1, 2 * ring_px + 1))
@@ -466,7 +493,8 @@ def positive_vessels(dab_od: np.ndarray, *, region: np.ndarray, mpp: float,
         res, too_big = _objects_at_level(
             dab, pos, region, px_um2=px_um2, min_area_um2=min_area_um2,
             max_area_um2=max_area_um2, max_lumen_um2=max_lumen_um2,
-            max_elongation=max_elongation, min_contrast_od=min_contrast_od, ring_k=ring_k)
+            max_elongation=max_elongation, min_contrast_od=min_contrast_od, ring_k=ring_k,
+            nuc=nuc, max_nucleus_px=max_nucleus_um2 / px_um2)
         if len(res):
             found.append(res)
         if level_step_od <= 0 or too_big is None:
@@ -484,7 +512,7 @@ def positive_vessels(dab_od: np.ndarray, *, region: np.ndarray, mpp: float,
 
 
 def _objects_at_level(dab, pos, region, *, px_um2, min_area_um2, max_area_um2, max_lumen_um2,
-                      max_elongation, min_contrast_od, ring_k):
+                      max_elongation, min_contrast_od, ring_k, nuc=None, max_nucleus_px=np.inf):
     """Valid capillary objects among the components of ``pos`` and the too-large blobs."""
     cols = ["x_px", "y_px", "area_px", "stained_px", "dab_od_sum", "elongation"]
     # fill small enclosed holes (capillary lumina), never holes touching the image border
@@ -518,6 +546,9 @@ def _objects_at_level(dab, pos, region, *, px_um2, min_area_um2, max_area_um2, m
         l1, l2 = tr / 2 + disc, np.maximum(tr / 2 - disc, 1e-12)
         elong = np.sqrt(l1 / l2)
     keep = cand & (elong <= max_elongation)
+    if nuc is not None and keep.any():
+        nucleus_px = np.bincount(lab[nuc & (lab > 0)], minlength=n)
+        keep &= nucleus_px <= max_nucleus_px
     lab_pos = lab[pos]
     stained = np.bincount(lab_pos, minlength=n)
     odsum = np.bincount(lab_pos, dab[pos], minlength=n)
@@ -574,7 +605,7 @@ def measure(ctx: ImageContext) -> Measurements:
                                    params=p, drop=lumen, return_classes=True)
     counts["lumen_px"] = int(np.count_nonzero(lumen & own_mask)) if lumen is not None else 0
     comp = np.asarray(ctx.compartments)
-    region = analysed & (comp >= 2)
+    region = analysed & np.isin(comp, np.asarray(p.capillary_codes, np.uint8))
     if lumen is not None:
         region &= ~lumen
     ves = positive_vessels(ctx.dab_od, region=region, mpp=mpp, own=ctx.own,
@@ -583,7 +614,9 @@ def measure(ctx: ImageContext) -> Measurements:
                            max_lumen_um2=p.capillary_max_lumen_um2,
                            max_elongation=p.capillary_max_elongation,
                            min_contrast_od=p.capillary_min_contrast_od,
-                           level_step_od=p.capillary_level_step_od)
+                           level_step_od=p.capillary_level_step_od, hema_od=ctx.hema_od,
+                           nucleus_od=p.capillary_nucleus_od,
+                           max_nucleus_um2=p.capillary_max_nucleus_um2)
     counts["positive_capillaries"] = int(len(ves))
     counts["capillary_stained_px"] = int(ves["stained_px"].sum()) if len(ves) else 0
     counts["capillary_od_sum"] = float(ves["dab_od_sum"].sum()) if len(ves) else 0.0
