@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     )
     result = compare_slides(args.slides, design=args.design, settings=settings)
     report = write_report(result, args.out, figures=not args.no_figures,
-                          figure_metrics=args.figure_metrics, overlays=args.overlays)
+                          figure_metrics=args.figure_metrics, overlays=args.overlays,
+                          progress=sys.stderr.isatty())
     pr = result.problems
     n_err = int((pr["severity"] == "error").sum()) if len(pr) else 0
     n_warn = int((pr["severity"] == "warning").sum()) if len(pr) else 0

@@ -113,37 +113,43 @@ def write_tables(result: ComparisonResult, out_dir: str | Path) -> dict[str, Pat
 
 
 def _figures(result: ComparisonResult, fig_dir: Path, formats: tuple[str, ...],
-             figure_metrics: set[str] | None) -> list[dict]:
+             figure_metrics: set[str] | None, *, progress: bool = False) -> list[dict]:
     """Draw every figure; returns records (kind, marker, metric, clinical, paths)."""
-    recs = []
+    jobs: list[tuple[str, str, str, str]] = []
     for marker in result.markers:
         for metric in result.metrics[marker]:
             if figure_metrics is not None and metric not in figure_metrics and \
                     f"{marker}:{metric}" not in figure_metrics:
                 continue
+            jobs += [("slope", marker, metric, ""), ("change", marker, metric, "")]
+            jobs += [("correlation", marker, metric, c) for c in result.clinical]
+    it = jobs
+    if progress and jobs:
+        from tqdm.auto import tqdm
+
+        it = tqdm(jobs, desc="figures", unit="fig", leave=False)
+    recs = []
+    for kind, marker, metric, clinical in it:
+        if kind == "slope":
             thr = tuple(t for mk, me, t in result.settings.presence_thresholds
                         if me == metric and mk in ("", marker))
             fig = slope_figure(result.paired, marker=marker, metric=metric,
                                timepoints=result.timepoints, groups=result.groups,
                                stats=result.stats, thresholds=thr)
-            recs.append({"kind": "slope", "marker": marker, "metric": metric, "clinical": "",
-                         "paths": save_figure(fig, fig_dir / safe_name("slope", marker, metric),
-                                              formats=formats)})
+            stem = safe_name("slope", marker, metric)
+        elif kind == "change":
             fig = change_figure(result.paired, marker=marker, metric=metric,
                                 timepoints=result.timepoints, groups=result.groups,
                                 group_tests=result.group_tests)
-            recs.append({"kind": "change", "marker": marker, "metric": metric, "clinical": "",
-                         "paths": save_figure(fig, fig_dir / safe_name("change", marker, metric),
-                                              formats=formats)})
-            for c in result.clinical:
-                fig = correlation_figure(result.paired, result.patients, marker=marker,
-                                         metric=metric, clinical=c,
-                                         timepoints=result.timepoints, groups=result.groups,
-                                         correlations=result.correlations)
-                recs.append({"kind": "correlation", "marker": marker, "metric": metric,
-                             "clinical": c, "paths": save_figure(
-                                 fig, fig_dir / safe_name("corr", marker, metric, c),
-                                 formats=formats)})
+            stem = safe_name("change", marker, metric)
+        else:
+            fig = correlation_figure(result.paired, result.patients, marker=marker,
+                                     metric=metric, clinical=clinical,
+                                     timepoints=result.timepoints, groups=result.groups,
+                                     correlations=result.correlations)
+            stem = safe_name("corr", marker, metric, clinical)
+        recs.append({"kind": kind, "marker": marker, "metric": metric, "clinical": clinical,
+                     "paths": save_figure(fig, fig_dir / stem, formats=formats)})
     return recs
 
 
@@ -228,7 +234,8 @@ def _overlay_section(result: ComparisonResult, out: Path, mode: str) -> str:
 
 def write_report(result: ComparisonResult, out_dir: str | Path, *, figures: bool = True,
                  figure_formats: tuple[str, ...] = ("png", "svg"),
-                 figure_metrics: list[str] | None = None, overlays: str = "auto") -> Path:
+                 figure_metrics: list[str] | None = None, overlays: str = "auto",
+                 progress: bool = False) -> Path:
     """Write tables, figures and ``report.html`` into ``out_dir``.
 
     Parameters
@@ -248,6 +255,8 @@ def write_report(result: ComparisonResult, out_dir: str | Path, *, figures: bool
     overlays : {"auto", "embed", "link", "none"}
         QC overlays in the report: ``auto`` embeds them when they total at most 25 MB, else
         links them by relative path.
+    progress : bool
+        Progress bar (tqdm, stderr) while drawing figures.
 
     Returns
     -------
@@ -263,7 +272,8 @@ def write_report(result: ComparisonResult, out_dir: str | Path, *, figures: bool
     write_tables(result, out)
     fmts = tuple(dict.fromkeys(("png", *figure_formats)))
     figs = _figures(result, out / "figures", fmts,
-                    set(figure_metrics) if figure_metrics else None) if figures else []
+                    set(figure_metrics) if figure_metrics else None,
+                    progress=progress) if figures else []
 
     r = result
     prov = r.provenance
