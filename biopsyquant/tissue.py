@@ -8,7 +8,8 @@ optical density relative to the slide's own background:
    background) is at least ``od_threshold`` after a median filter of radius ``smoothing_um``
    (a median removes speckle without moving straight edges, unlike a Gaussian);
 3. ink from marker pens (green / saturated blue, see :func:`pen_mask`) is removed;
-4. a closing of radius ``closing_um`` joins fragments split by thin gaps;
+4. a closing of radius ``closing_um`` joins fragments split by thin gaps, then an opening of
+   radius ``opening_um`` drops thin isolated lines (air-bubble rims, coverslip edges, lint);
 5. holes smaller than ``max_hole_area_um2`` are filled — capillaries, vessel lumens (mapped to
    the *vessel* compartment later), freezing gaps — while larger holes (tears, gaps between
    separate fascicles) stay outside the tissue and out of its area;
@@ -70,6 +71,9 @@ class TissueParams:
     closing_um : float
         Radius of the morphological closing that joins tissue fragments across thin gaps
         (0 = none).
+    opening_um : float
+        Radius of the morphological opening applied after the closing: isolated lines thinner
+        than about twice this (air-bubble rims, coverslip edges, lint) are dropped (0 = none).
     min_tissue_area_um2 : float
         Connected pieces smaller than this are debris and are removed (10,000 µm² is a disc of
         113 µm, two or three muscle fibers).
@@ -85,6 +89,7 @@ class TissueParams:
     od_threshold: float = 0.1
     smoothing_um: float = 8.0
     closing_um: float = 16.0
+    opening_um: float = 8.0
     min_tissue_area_um2: float = 10_000.0
     max_hole_area_um2: float = 50_000.0
     remove_pen: bool = True
@@ -94,7 +99,8 @@ class TissueParams:
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
                 raise InputError(f"TissueParams.{name} must be a positive number, got {v!r}")
-        for name in ("od_threshold", "smoothing_um", "closing_um", "min_tissue_area_um2",
+        for name in ("od_threshold", "smoothing_um", "closing_um", "opening_um",
+                     "min_tissue_area_um2",
                      "max_hole_area_um2"):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
@@ -203,6 +209,11 @@ def detect_tissue(
         m = np.pad(mask.view(np.uint8), pad)
         m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, _disk(rc))
         mask = m[pad:-pad, pad:-pad].astype(bool)
+    ro = round(params.opening_um / wmpp)
+    if ro >= 1 and mask.any():
+        # after the closing: drops thin isolated lines (air-bubble rims, coverslip edges,
+        # lint, thin pen strokes) without eroding consolidated tissue
+        mask = cv2.morphologyEx(mask.view(np.uint8), cv2.MORPH_OPEN, _disk(ro)).astype(bool)
     hole_px = params.max_hole_area_um2 / px_area
     if hole_px >= 1:
         mask = _fill_small_holes(mask, hole_px)

@@ -65,6 +65,9 @@ def section():
         rgb[disk(shape, cy, cx, 6)] = (90, 70, 60)
     for x in range(1080, 1190):  # green pen stroke on the glass, ~16 µm wide
         rgb[300 + x // 10 - 108 : 308 + x // 10 - 108, x] = (60, 150, 70)
+    # rim of an air bubble on the glass: 400 µm across, 6 µm wide, dark grey
+    rim = disk(shape, 115, 115, 100) & ~disk(shape, 115, 115, 97)
+    rgb[rim] = (120, 120, 125)
     return rgb, mpp, truth
 
 
@@ -80,7 +83,9 @@ def test_tissue_area_of_known_section(section):
     # the small hole is filled, the large hole stays open
     assert mask[420, 700]
     assert not mask[700, 450]
-    # debris and pen removed, fragment kept
+    # debris, pen and bubble rim removed, fragment kept
+    rim = disk(truth.shape, 115, 115, 100) & ~disk(truth.shape, 115, 115, 97)
+    assert not mask[rim].any()  # the bubble rim (1,900 px) is gone
     assert not mask[40:80, 1080:1120].any() and not mask[1130:1170, 60:100].any()
     assert not mask[280:330, 1080:1190].any()
     assert mask[1120, 1120]
