@@ -460,3 +460,47 @@ def test_load_stains_rejects_bad_files(tmp_path, content):
 def test_load_stains_missing_file(tmp_path):
     with pytest.raises(InputError, match="not found"):
         load_stains(tmp_path / "nope.json")
+
+
+# ------------------------------------------------------------------------------------------
+# real images with ground truth (skipped when ../shared/realdata is absent)
+# ------------------------------------------------------------------------------------------
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_bcdata_ki67_dab_separates_annotated_nuclei(realdata):
+    """BCData Ki-67: DAB OD at positive vs negative tumour-nucleus centroids (26 tiles).
+
+    Measured: AUC 0.997 with estimated stains; the measured background keeps negative nuclei
+    below the 1+ threshold far more often than a fixed white of 255 (8 % vs 19 % above 0.2 OD).
+    """
+    import pandas as pd
+    from scipy import ndimage as ndi
+    from scipy.stats import mannwhitneyu
+    from skimage.io import imread
+
+    folder = realdata / "bcdata_ki67_breast"
+    pos, neg, pos255, neg255 = [], [], [], []
+    n_estimated = 0
+    for i in range(26):
+        rgb = imread(folder / "images" / f"{i}.png")[..., :3]
+        pts = pd.read_csv(folder / "points" / f"{i}.csv")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = estimate_stains(rgb)
+        n_estimated += model.source == "estimated"
+        y = pts["y"].clip(0, rgb.shape[0] - 1).astype(int).to_numpy()
+        x = pts["x"].clip(0, rgb.shape[1] - 1).astype(int).to_numpy()
+        is_pos = (pts["label"] == "positive").to_numpy()
+        for m, p_list, n_list in ((model, pos, neg), (PRESETS["H-DAB"], pos255, neg255)):
+            dab = ndi.uniform_filter(stain_od(rgb, m, "dab"), 7)[y, x]
+            p_list += list(dab[is_pos])
+            n_list += list(dab[~is_pos])
+    pos, neg = np.array(pos), np.array(neg)
+    assert len(pos) == 1371 and len(neg) == 1648
+    assert n_estimated >= 24
+    auc = mannwhitneyu(pos, neg).statistic / (len(pos) * len(neg))
+    assert auc > 0.98
+    assert np.median(pos) > 1.0 and abs(np.median(neg)) < 0.1
+    assert np.mean(pos >= 0.2) > 0.98
+    assert np.mean(neg >= 0.2) < 0.12
+    assert np.mean(np.array(neg255) >= 0.2) > np.mean(neg >= 0.2) + 0.05
