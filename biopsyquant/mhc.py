@@ -2,14 +2,18 @@
 
 Per fiber (labels from :func:`biopsyquant.fibers.segment_fibers`):
 
-* **rim** = fiber pixels closer than ``rim_width_um`` to the fiber's own outline (distance
-  transform of the label image with every label border as zero; the image border is *not* an
-  outline, so fibers cut by a tile edge keep their true rim); **interior** = the other fiber
-  pixels. Only analysed pixels (tissue minus exclusions) are used.
-* ``rim_dab_od`` = the ``rim_quantile`` (default 0.75) of the rim's DAB OD and
-  ``interior_dab_od`` = the ``interior_quantile`` (default median) of the interior's DAB OD
-  (log10, background-relative). Quantiles rather than means keep a DAB-positive capillary that
-  touches a negative fiber (a few % of its perimeter) from raising its rim value.
+* **rim band** = pixels within ``rim_width_um`` (2 µm) inside and ``rim_outside_um`` (2 µm)
+  outside the fiber's own outline. Inside distances come from a distance transform of the
+  label image with every label border as zero (the image border is *not* an outline, so fibers
+  cut by a tile edge keep their true rim); outside pixels (endomysium) belong to the *nearest*
+  fiber only, so a stained neighbour never lends its rim. The band is cut into rings of
+  ``rim_ring_um`` (1 µm) by signed distance to the outline, and
+  ``rim_dab_od`` = the highest ``rim_quantile`` (median) of DAB OD over the rings. The
+  sarcolemmal ring is thus found wherever the segmentation put the outline (segmenters often
+  stop at the inner edge of a stained membrane), and a median over a whole ring is not moved by
+  a DAB-positive capillary touching a few % of the perimeter. **interior** = fiber pixels
+  deeper than ``rim_width_um``; ``interior_dab_od`` = their ``interior_quantile`` (median).
+  Only analysed pixels (tissue minus exclusions) are used; OD is log10, background-relative.
 * **call**: positive when ``rim_dab_od ≥ positive_od`` or ``interior_dab_od ≥ positive_od``
   (default 0.2).
 * **pattern** of a positive fiber: ``sarcoplasmic`` when the interior is positive and the rim
@@ -93,10 +97,14 @@ class MhcParams:
 
     Parameters
     ----------
-    rim_width_um : float
-        Width of the sarcolemmal rim band inside the fiber outline.
+    rim_width_um, rim_outside_um : float
+        The sarcolemmal rim band reaches this far inside / outside the fiber outline (outside
+        pixels belong to the nearest fiber, so two fibers never share them).
+    rim_ring_um : float
+        The band is cut into rings of this width (by distance to the outline).
     rim_quantile, interior_quantile : float
-        Quantile (0–1) of the DAB OD of rim / interior pixels used as the fiber's value.
+        Quantile (0–1) of the DAB OD of each rim ring / of the interior used as the value; the
+        fiber's rim value is that of its most stained ring.
     positive_od : float
         A fiber is positive when its rim or interior value reaches this (grade 1 from here).
     grade_2_od, grade_3_od : float
@@ -150,7 +158,9 @@ class MhcParams:
     """
 
     rim_width_um: float = 2.0
-    rim_quantile: float = 0.75
+    rim_outside_um: float = 2.0
+    rim_ring_um: float = 1.0
+    rim_quantile: float = 0.5
     interior_quantile: float = 0.5
     positive_od: float = 0.2
     grade_2_od: float = 0.4
@@ -204,8 +214,9 @@ class MhcParams:
                   "min_analysed_fraction"):
             if not 0 <= getattr(self, f) <= 1:
                 raise InputError(f"MhcParams.{f} must be between 0 and 1, got {getattr(self, f)}")
-        if self.rim_width_um <= 0:
-            raise InputError(f"MhcParams.rim_width_um must be > 0, got {self.rim_width_um}")
+        for f in ("rim_width_um", "rim_ring_um"):
+            if getattr(self, f) <= 0:
+                raise InputError(f"MhcParams.{f} must be > 0, got {getattr(self, f)}")
 
 
 # ------------------------------------------------------------------------------- kernels
@@ -232,16 +243,35 @@ def _outline(labels, out):
 
 
 @njit(**_JIT)
-def _fiber_stats(labels, dab, mask, dist, pale, edge, rim_px, lo, inv_w, nb,
-                 rim_hist, int_hist, npx, nana, npale, maxdist, minedge):
+def _fiber_stats(labels, dab, mask, din, dout, near, pale, edge, rim_in, rim_out, ring_w,
+                 n_ring, lo, inv_w, nb, ring_hist, int_hist, npx, nana, npale, maxdist,
+                 minedge):
     h, w = labels.shape
     for i in range(h):
         for j in range(w):
             lab = labels[i, j]
             if lab <= 0:
+                # outside every fiber: the outer part of the nearest fiber's rim band
+                if not mask[i, j]:
+                    continue
+                d = dout[i, j]
+                if d > rim_out:
+                    continue
+                lab = near[i, j]
+                if lab <= 0:
+                    continue
+                k = int((d + rim_in) / ring_w)
+                if k >= n_ring:
+                    k = n_ring - 1
+                b = int((dab[i, j] - lo) * inv_w)
+                if b < 0:
+                    b = 0
+                elif b >= nb:
+                    b = nb - 1
+                ring_hist[lab, k, b] += 1
                 continue
             npx[lab] += 1
-            d = dist[i, j]
+            d = din[i, j]
             if d > maxdist[lab]:
                 maxdist[lab] = d
             e = edge[i, j]
@@ -257,8 +287,12 @@ def _fiber_stats(labels, dab, mask, dist, pale, edge, rim_px, lo, inv_w, nb,
                 b = 0
             elif b >= nb:
                 b = nb - 1
-            if d < rim_px:
-                rim_hist[lab, b] += 1
+            if d < rim_in:
+                # ring index grows outwards: 0 is the deepest ring of the band
+                k = int((rim_in - d) / ring_w)
+                if k >= n_ring:
+                    k = n_ring - 1
+                ring_hist[lab, k, b] += 1
             else:
                 int_hist[lab, b] += 1
 
@@ -347,7 +381,23 @@ def score_fibers_mhc(fiber_labels: np.ndarray, dab_od: np.ndarray, *, mpp: float
                              **{c: pd.Series(dtype=float) for c in FIBER_COLUMNS}})
     inside = np.empty(shape, np.uint8)
     _outline(labels, inside)
-    dist = cv2.distanceTransform(inside, cv2.DIST_L2, 5)
+    din = cv2.distanceTransform(inside, cv2.DIST_L2, 5)
+    del inside
+    rim_in = p.rim_width_um / mpp
+    rim_out = p.rim_outside_um / mpp
+    ring_w = max(1.0, p.rim_ring_um / mpp)
+    n_ring = int((rim_in + rim_out) / ring_w) + 1
+    outside = (labels == 0).view(np.uint8)
+    if rim_out > 0 and outside.any():
+        dout, nl = cv2.distanceTransformWithLabels(outside, cv2.DIST_L2, 5,
+                                                   labelType=cv2.DIST_LABEL_PIXEL)
+        # DIST_LABEL_PIXEL numbers the zero pixels (the fiber pixels) in raster order
+        owner = np.concatenate([[0], labels[labels > 0]]).astype(np.int32)
+        near = owner[np.minimum(nl, len(owner) - 1)]
+        del nl
+    else:
+        dout = np.full(shape, np.inf, np.float32)
+        near = np.zeros(shape, np.int32)
     pale = np.zeros(shape, np.uint8)
     if rgb is not None:
         rgb = np.ascontiguousarray(rgb)
@@ -363,28 +413,41 @@ def score_fibers_mhc(fiber_labels: np.ndarray, dab_od: np.ndarray, *, mpp: float
         edge_mask = np.isin(comp, np.asarray(p.fascicle_edge_codes, np.uint8))
         if edge_mask.any():
             edge = cv2.distanceTransform((~edge_mask).view(np.uint8), cv2.DIST_L2, 5)
-    rim_px = p.rim_width_um / mpp
-    rim_hist = np.zeros((n + 1, _H_N), np.int32)
+    ring_hist = np.zeros((n + 1, n_ring, _H_N), np.int32)
     int_hist = np.zeros((n + 1, _H_N), np.int32)
     npx = np.zeros(n + 1, np.int64)
     nana = np.zeros(n + 1, np.int64)
     npale = np.zeros(n + 1, np.int64)
     maxdist = np.zeros(n + 1, np.float32)
     minedge = np.full(n + 1, np.inf, np.float32)
-    _fiber_stats(labels, dab, mask, dist, pale, edge, np.float32(rim_px), np.float32(_H_LO),
-                 np.float32(1 / _H_W), _H_N, rim_hist, int_hist, npx, nana, npale, maxdist,
+    _fiber_stats(labels, dab, mask, din, np.ascontiguousarray(dout, np.float32),
+                 np.ascontiguousarray(near, np.int32), pale, edge, np.float32(rim_in),
+                 np.float32(rim_out), np.float32(ring_w), n_ring, np.float32(_H_LO),
+                 np.float32(1 / _H_W), _H_N, ring_hist, int_hist, npx, nana, npale, maxdist,
                  minedge)
     ids = np.flatnonzero(npx)
     ids = ids[ids > 0]
-    rh, ih = rim_hist[ids], int_hist[ids]
-    rim = _hist_quantile(rh, p.rim_quantile)
+    rh, ih = ring_hist[ids], int_hist[ids]
+    # rim = the most stained ring of the band (robust to where the outline sits relative to the
+    # stained sarcolemma); rings with few pixels (a tiny fiber's outer rings) are ignored
+    rn = rh.sum(axis=2)                                            # (m, n_ring)
+    min_px = np.maximum(8, 0.25 * rn.max(axis=1, initial=0))[:, None]
+    q = _hist_quantile(rh.reshape(-1, _H_N), p.rim_quantile).reshape(rn.shape)
+    q = np.where(rn >= min_px, q, np.nan)
+    has = np.isfinite(q).any(axis=1)
+    best = np.where(has, np.nanargmax(np.where(np.isfinite(q), q, -np.inf), axis=1), 0)
+    rows = np.arange(len(ids))
+    rim = np.where(has, q[rows, best], np.nan)
     interior = _hist_quantile(ih, p.interior_quantile)
-    # a fiber too small for an interior: its rim is all there is
-    interior = np.where(np.isnan(interior), _hist_quantile(rh, p.interior_quantile), interior)
+    # a fiber too small for an interior: its rim band is all there is
+    allband = rh.sum(axis=1)
+    interior = np.where(np.isnan(interior), _hist_quantile(allband, p.interior_quantile),
+                        interior)
     first_pos = int(math.ceil((p.positive_od - _H_LO) / _H_W - 1e-9))
-    rn = rh.sum(axis=1)
+    bh = rh[rows, best]
+    bn = bh.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        rim_pos_frac = np.where(rn > 0, rh[:, first_pos:].sum(axis=1) / rn, np.nan)
+        rim_pos_frac = np.where(bn > 0, bh[:, first_pos:].sum(axis=1) / bn, np.nan)
     area_um2 = npx[ids] * mpp * mpp
     eq_radius = np.sqrt(npx[ids] / np.pi)
     # distance is 0 on the outline, so the deepest pixel of a disk of radius r is ~ r - 1
