@@ -318,8 +318,12 @@ def _load_image(image, mpp: float | None, name: str | None):
         return image, None, "unknown", name or "image", None
     from .slide import Slide, open_slide
 
-    slide = image if isinstance(image, Slide) else open_slide(image, mpp=mpp)
-    rgb = slide.read_level(0)
+    if isinstance(image, Slide):
+        slide = image
+        rgb = slide.read_level(0)
+    else:
+        with open_slide(image, mpp=mpp) as slide:
+            rgb = slide.read_level(0)
     return rgb, slide.mpp, slide.mpp_source, name or Path(str(slide.path)).stem, slide.path
 
 
@@ -382,6 +386,8 @@ def score_image(
         summary = summarize(cells=meas.cells, fibers=fibers, counts=counts, mpp=mpp_val,
                             settings=settings)
     for w in caught:
+        if not issubclass(w.category, UserWarning):
+            continue  # resource / deprecation noise is not a finding about the slide
         msg = str(w.message)
         if msg not in warn_list:
             warn_list.append(msg)
