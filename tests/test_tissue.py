@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from biopsyquant.errors import InputError, MppUnknownError
 from biopsyquant.tissue import (
@@ -260,3 +262,40 @@ def test_bad_geojson_names_the_file(tmp_path, content, match):
 def test_missing_exclusion_file(tmp_path):
     with pytest.raises(InputError, match="not found"):
         load_exclusions(tmp_path / "none.geojson")
+
+
+# ------------------------------------------------------------------------------------------
+# property-based: GeoJSON round trip and rasterization invariants
+# ------------------------------------------------------------------------------------------
+@st.composite
+def star_polygons(draw):
+    n = draw(st.integers(3, 12))
+    cx = draw(st.floats(20, 180))
+    cy = draw(st.floats(20, 180))
+    ang = np.sort(np.array(draw(st.lists(st.floats(0, 2 * np.pi - 1e-3), min_size=n,
+                                         max_size=n, unique=True))))
+    rad = np.array(draw(st.lists(st.floats(5, 60), min_size=n, max_size=n)))
+    return np.stack([cx + rad * np.cos(ang), cy + rad * np.sin(ang)], axis=1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(polys=st.lists(star_polygons(), min_size=1, max_size=4),
+       dx=st.integers(-500, 5000), dy=st.integers(-500, 5000))
+def test_polygon_properties(tmp_path_factory, polys, dx, dy):
+    polys = [p for p in polys if len(np.unique(p, axis=0)) >= 3]
+    if not polys:
+        return
+    # GeoJSON round trip is lossless
+    path = tmp_path_factory.mktemp("gj") / "p.geojson"
+    back = load_exclusions(save_exclusions(polys, path))
+    assert len(back) == len(polys)
+    for a, b in zip(polys, back, strict=True):
+        np.testing.assert_allclose(a, b)
+    # translation with a matching offset gives the same mask; union never exceeds the sum
+    shape = (220, 230)
+    base = rasterize_polygons(polys, shape)
+    moved = rasterize_polygons([p + (dx, dy) for p in polys], shape, offset=(dx, dy))
+    np.testing.assert_array_equal(base, moved)
+    singles = [rasterize_polygons([p], shape) for p in polys]
+    assert base.sum() <= sum(int(s.sum()) for s in singles)
+    np.testing.assert_array_equal(base, np.logical_or.reduce(singles))
