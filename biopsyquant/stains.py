@@ -624,7 +624,9 @@ def estimate_stains(
     ----------
     rgb : ndarray of uint8, shape (H, W, 3)
     base : str
-        Two-stain preset giving names and reference vectors: ``"H-DAB"`` or ``"H-E"``.
+        Preset giving names and reference vectors: ``"H-DAB"`` or ``"H-E"``.  For the
+        three-stain ``"H-E-DAB"`` the preset is returned with the slide's background and
+        ``source="preset:H-E-DAB (not estimated: estimation needs a two-stain base)"``.
     tissue_mask : ndarray of bool, shape (H, W), optional
     background : sequence of 3 float, optional
         Glass intensity R, G, B (0-255); estimated from ``rgb`` when None.
@@ -656,17 +658,15 @@ def estimate_stains(
     """
     rgb = _check_rgb(rgb)
     ref = preset(base)
-    if ref.names[2] != "residual":
-        raise InputError(
-            f"estimate_stains estimates two stains; base {base!r} has three "
-            f"({', '.join(ref.names)}): use 'H-DAB' or 'H-E', or give the vectors"
-        )
     if not 0 < percentile < 50:
         raise InputError(f"`percentile` must be in (0, 50), got {percentile}")
     m = _check_mask(tissue_mask, rgb.shape[:2], "tissue_mask")
     if background is None:
         background = estimate_background(rgb, tissue_mask=m)
     bg = tuple(float(b) for b in background)
+    if ref.names[2] != "residual":  # three stains: Macenko's plane cannot hold them
+        return StainModel(ref.names, ref.vectors, bg,
+                          f"preset:{base} (not estimated: estimation needs a two-stain base)")
 
     def fallback(reason: str) -> StainModel:
         return StainModel(ref.names, ref.vectors[:2], bg,

@@ -409,8 +409,10 @@ def test_estimate_stains_blank_image_and_three_stain_base():
         blank = np.full((50, 50, 3), 245, np.uint8)
         model = estimate_stains(blank)
     assert "too few stained tissue pixels" in model.source
-    with pytest.raises(InputError, match="two stains"):
-        estimate_stains(blank, base="H-E-DAB", background=(245, 245, 245))
+    three = estimate_stains(blank, base="H-E-DAB", background=(245, 245, 245))
+    assert three.source.startswith("preset:H-E-DAB (not estimated")
+    assert three.background == (245.0, 245.0, 245.0)
+    np.testing.assert_allclose(three.vectors, PRESETS["H-E-DAB"].vectors)
 
 
 def test_estimate_stains_uses_tissue_mask_only():
