@@ -31,8 +31,8 @@ import cv2
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
-from skimage.measure import perimeter as _sk_perimeter
 from skimage.filters import apply_hysteresis_threshold
+from skimage.measure import perimeter as _sk_perimeter
 from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
@@ -228,6 +228,9 @@ def _check_mpp(mpp, shape, params: FiberParams) -> float:
     return mpp
 
 
+_MIN_DEFAULT_BACKGROUND = 235.0
+
+
 def _estimate_background(rgb: np.ndarray) -> tuple[float, float, float]:
     """Glass intensity per channel; uses ``stains.estimate_background`` when available."""
     try:
@@ -236,7 +239,11 @@ def _estimate_background(rgb: np.ndarray) -> tuple[float, float, float]:
         estimate_background = None
     if estimate_background is not None:
         try:
-            bg = estimate_background(rgb)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                bg = estimate_background(rgb)
+            if caught:  # no glass in view (a field inside the tissue): scanner white
+                return (255.0, 255.0, 255.0)
             bg = tuple(float(b) for b in np.asarray(bg, float).ravel()[:3])
             if len(bg) == 3 and all(math.isfinite(b) and b > 0 for b in bg):
                 return bg  # type: ignore[return-value]
@@ -471,7 +478,8 @@ def segment_fibers(
         Pixel size in µm per pixel (all sizes in ``params`` are in µm).
     model : StainModel, optional
         Stain vectors and background. Default: the H-DAB preset with the background estimated
-        from the image. Only the background and the DAB vector are used (DAB-filled fibers are
+        from the image (not darker than 235 per channel: a field without glass would otherwise
+        take pale fibers as the background). Only the background and the DAB vector are used (DAB-filled fibers are
         recognised on the DAB-free optical density).
     tissue : ndarray of bool, shape (H, W), optional
         Analysed tissue; fibers are only found inside it. Default: all non-glass pixels.
@@ -509,7 +517,10 @@ def segment_fibers(
                           UserWarning, stacklevel=2)
             return np.zeros(shape, np.int32)
     if model is None:
-        model = PRESETS["H-DAB"].with_background(_estimate_background(rgb))
+        # a field inside the tissue has no glass and its brightest pixels are pale fibers:
+        # never take a background darker than _MIN_DEFAULT_BACKGROUND for the default model
+        bg = tuple(max(b, _MIN_DEFAULT_BACKGROUND) for b in _estimate_background(rgb))
+        model = PRESETS["H-DAB"].with_background(bg)
 
     factor = max(1.0, params.working_mpp_um / mpp)
     small = _downsample(rgb, factor)
@@ -529,9 +540,6 @@ def segment_fibers(
     if tissue is not None:
         out = np.where(tissue, out, 0).astype(np.int32, copy=False)
     return out
-
-
-_DEBUG: dict = {}
 
 
 def _inner_distance(lab: np.ndarray) -> np.ndarray:
@@ -567,6 +575,9 @@ def _segment_working(total: np.ndarray, counter: np.ndarray, hema: np.ndarray,
     level_c = max(float(np.median(cs[smooth])), 0.02)
     level_t = max(float(np.median(ts[smooth])), 0.02)
 
+    # pale = closer to the brightest parts of the image (glass, or pale interstitium in a
+    # field without glass) than to the typical fiber
+    ref_t = min(float(np.percentile(ts, 1.0)), 0.5 * level_t)
     # 1. thin structures darker or paler than their surroundings, in units of each map's
     #    own noise (fiber grain): dark lines on the total and on the counterstain OD
     #    (endomysium, nuclei, DAB rims), pale lines on the total OD (cracks, H&E endomysium)
@@ -588,13 +599,14 @@ def _segment_working(total: np.ndarray, counter: np.ndarray, hema: np.ndarray,
         np.maximum(raw, t, out=raw)
         np.maximum(line, rel * np.float32(weight / n), out=line)
     # a boundary must stand out of the grain AND have a visible contrast
-    line[raw < params.boundary_contrast * level_t] = 0
+    line[raw < params.boundary_contrast * (level_t - ref_t)] = 0
     line[raw < params.boundary_min_od] = 0
     thr = params.boundary_noise
     boundary = apply_hysteresis_threshold(line, params.boundary_weak * thr, thr)
-    pale = ts < params.pale_fraction * level_t
+    pale = ts < ref_t + params.pale_fraction * (level_t - ref_t)
     if cs is not ts:  # DAB-stained fibers: pale only if also pale in the DAB-free OD
-        pale &= cs < params.pale_fraction * level_c
+        ref_c = min(float(np.percentile(cs, 1.0)), 0.5 * level_c)
+        pale &= cs < ref_c + params.pale_fraction * (level_c - ref_c)
     core = tissue & ~boundary & ~pale
     core = _fill_small_holes(core, params.hole_max_area_um2 / wm**2) & tissue
     core = cv2.morphologyEx(core.astype(np.uint8), cv2.MORPH_OPEN, _disk(1)).astype(bool)
@@ -621,7 +633,12 @@ def _segment_working(total: np.ndarray, counter: np.ndarray, hema: np.ndarray,
     grow_px = params.grow_um / wm
     bg_id = int(cores.max()) + 1
     seeds = cores.copy()
-    bg = (~tissue | pale | (far > grow_px)) & (cores == 0)
+    # centre lines of the boundaries (ridge of the line map across x or y) stop the growth,
+    # so the endomysium between two fibers stays non-fiber
+    lp = np.pad(line, 1, mode="edge")
+    ridge = boundary & (((line >= lp[1:-1, :-2]) & (line >= lp[1:-1, 2:]))
+                        | ((line >= lp[:-2, 1:-1]) & (line >= lp[2:, 1:-1])))
+    bg = (~tissue | pale | ridge | (far > grow_px)) & (cores == 0)
     seeds[bg] = bg_id
     lab = watershed(edge, seeds).astype(np.int32)
     lab[lab == bg_id] = 0
@@ -629,8 +646,6 @@ def _segment_working(total: np.ndarray, counter: np.ndarray, hema: np.ndarray,
 
     r_min = params.min_diameter_um / wm / 2.0
     r_max = params.max_diameter_um / wm / 2.0
-    _DEBUG.update(lab=lab.copy(), far=far, edge=edge, cores=cores, ts=ts, level_t=level_t, line=line, thr=thr,
-                  cs=cs, level_c=level_c)
     lab = _object_filter(
         lab, _inner_distance(lab),
         min_area=0.6 * math.pi * r_min**2,

@@ -1,0 +1,433 @@
+"""Compartment map of a muscle section: fibers, endomysium, perimysium, vessels, perivascular.
+
+Codes (shared with :mod:`biopsyquant.synthetic`, see ``docs/architecture.md``):
+
+====  ==============  ==========================================================
+code  name            meaning
+====  ==============  ==========================================================
+0     outside         glass, excluded region, not analysed
+1     fiber           inside a muscle fiber
+2     endomysium      thin connective tissue between fibers
+3     perimysium      connective tissue wider than ``perimysium_min_width_um``
+4     vessel          vessel lumen and wall (larger than a capillary)
+5     perivascular    non-fiber tissue within ``perivascular_width_um`` of a vessel
+====  ==============  ==========================================================
+
+Non-fiber tissue is perimysium where a disk of diameter ``perimysium_min_width_um`` fits in it
+(morphological opening, computed with distance transforms) and endomysium elsewhere. Vessels
+are lumens -- glass-bright or non-tissue holes enclosed by tissue -- whose surrounding ring is
+mostly non-fiber tissue (a wall) and whose outer diameter exceeds ``vessel_min_diameter_um``
+(capillaries are smaller; cracks between fibers are rimmed by fibers, not by a wall).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import pandas as pd
+from scipy import ndimage as ndi
+
+from .errors import InputError
+
+__all__ = [
+    "CODES",
+    "COMPARTMENT_NAMES",
+    "CompartmentParams",
+    "compartment_map",
+    "compartment_areas_mm2",
+    "fascicle_edge_distance_um",
+    "perifascicular_fibers",
+]
+
+#: name -> code
+CODES: dict[str, int] = {"outside": 0, "fiber": 1, "endomysium": 2, "perimysium": 3,
+                         "vessel": 4, "perivascular": 5}
+#: code -> name
+COMPARTMENT_NAMES: dict[int, str] = {v: k for k, v in CODES.items()}
+
+
+@dataclass(frozen=True)
+class CompartmentParams:
+    """Settings of the compartment map (sizes in µm).
+
+    Parameters
+    ----------
+    perimysium_min_width_um : float
+        Non-fiber tissue at least this wide is perimysium; narrower is endomysium.
+    perivascular_width_um : float
+        Width of the perivascular zone around each vessel's outer wall.
+    vessel_min_diameter_um : float
+        Smallest outer diameter (lumen + wall) of a vessel; capillaries (5-10 µm) are smaller.
+    vessel_max_diameter_um : float
+        Largest lumen-equivalent diameter considered a vessel.
+    lumen_min_diameter_um : float
+        Smallest lumen (equivalent diameter) considered.
+    lumen_max_od : float
+        A pixel is lumen-like (glass bright) when hematoxylin + DAB OD is below this (log10).
+    wall_um : float
+        Minimum wall thickness examined around a lumen; the ring examined is
+        ``max(wall_um, wall_fraction * lumen radius)`` wide.
+    wall_fraction : float
+        Wall thickness relative to the lumen radius.
+    wall_min_tissue_fraction : float
+        At least this fraction of the ring around a lumen must be non-fiber tissue (a wall);
+        cracks and gaps between fibers are rimmed by fibers and rejected.
+    min_lumen_solidity : float
+        Lumens are round-ish: area / convex hull area at least this.
+    wall_min_od_ratio : float
+        The wall's mean hematoxylin + DAB OD must be at least this multiple of the median of
+        non-fiber tissue (a cellular wall, not a loose space in connective tissue).
+    epimysium_um : float
+        Non-fiber tissue within this distance of the section's outer edge is perimysium
+        (epimysium / fascicle edge) whatever its width.
+    perifascicular_distance_um : float
+        Fibers whose outline lies within this distance of the fascicle edge (perimysium,
+        vessel or perivascular tissue) are perifascicular (about 2-3 fiber layers: 100 µm).
+    fascicle_edge_codes : tuple of int
+        Compartment codes that form the fascicle edge for ``fascicle_edge_distance_um``.
+    working_mpp_um : float
+        Resolution (µm/px) at which perimysium and vessels are mapped (then scaled up; the
+        fiber outlines always stay at full resolution).
+    """
+
+    perimysium_min_width_um: float = 15.0
+    perivascular_width_um: float = 20.0
+    vessel_min_diameter_um: float = 15.0
+    vessel_max_diameter_um: float = 300.0
+    lumen_min_diameter_um: float = 4.0
+    lumen_max_od: float = 0.1
+    wall_um: float = 3.0
+    wall_fraction: float = 0.4
+    wall_min_tissue_fraction: float = 0.6
+    min_lumen_solidity: float = 0.8
+    wall_min_od_ratio: float = 1.05
+    epimysium_um: float = 15.0
+    perifascicular_distance_um: float = 100.0
+    fascicle_edge_codes: tuple = (3, 4, 5)
+    working_mpp_um: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("perimysium_min_width_um", "vessel_min_diameter_um",
+                     "vessel_max_diameter_um", "lumen_min_diameter_um", "working_mpp_um"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
+                raise InputError(f"CompartmentParams.{name} must be a positive number, got {v!r}")
+        for name in ("perivascular_width_um", "lumen_max_od", "wall_um", "wall_fraction",
+                     "perifascicular_distance_um"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
+                raise InputError(f"CompartmentParams.{name} must be a number >= 0, got {v!r}")
+        for name in ("wall_min_tissue_fraction", "min_lumen_solidity"):
+            v = getattr(self, name)
+            if not (0 <= v <= 1):
+                raise InputError(f"CompartmentParams.{name} must be between 0 and 1, got {v!r}")
+        codes = tuple(int(c) for c in self.fascicle_edge_codes)
+        if not codes or any(c not in COMPARTMENT_NAMES for c in codes):
+            raise InputError("CompartmentParams.fascicle_edge_codes must be compartment codes "
+                             f"0-5, got {self.fascicle_edge_codes!r}")
+        object.__setattr__(self, "fascicle_edge_codes", codes)
+
+
+def _check_mpp(mpp) -> float:
+    try:
+        mpp = float(mpp)
+    except (TypeError, ValueError):
+        raise InputError(f"mpp must be a number of µm per pixel, got {mpp!r}") from None
+    if not math.isfinite(mpp) or mpp <= 0:
+        raise InputError(f"mpp must be a positive number of µm per pixel, got {mpp!r}")
+    return mpp
+
+
+def _resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Area-averaged (down) or linear (up) resize of a bool mask, threshold 0.5."""
+    if mask.shape == tuple(shape):
+        return mask
+    h, w = shape
+    src = mask.astype(np.uint8) * 255
+    interp = cv2.INTER_AREA if h < mask.shape[0] else cv2.INTER_LINEAR
+    return cv2.resize(src, (w, h), interpolation=interp) >= 128
+
+
+def _opening_by_disk(mask: np.ndarray, radius_px: float) -> np.ndarray:
+    """Union of all disks of ``radius_px`` that fit in ``mask`` (distance-transform opening)."""
+    if radius_px <= 0.5 or not mask.any():
+        return mask.copy()
+    m = np.pad(mask.astype(np.uint8), 1)  # the image border is not a boundary
+    m[0, :] = m[1, :]
+    m[-1, :] = m[-2, :]
+    m[:, 0] = m[:, 1]
+    m[:, -1] = m[:, -2]
+    inner = cv2.distanceTransform(m, cv2.DIST_L2, 5)[1:-1, 1:-1] > radius_px
+    if not inner.any():
+        return np.zeros_like(mask)
+    d = cv2.distanceTransform((~inner).astype(np.uint8), cv2.DIST_L2, 5)
+    return (d <= radius_px + 0.5) & mask
+
+
+def _outside(tissue: np.ndarray, wm: float, params: CompartmentParams) -> np.ndarray:
+    """Non-tissue regions that are the slide around the section (touch the border or huge)."""
+    n, lab, stats, _ = cv2.connectedComponentsWithStats((~tissue).astype(np.uint8),
+                                                        connectivity=8)
+    if n <= 1:
+        return np.zeros(tissue.shape, bool)
+    H, W = tissue.shape
+    x, y, w, h, area = (stats[:, i] for i in range(5))
+    big = area > math.pi * (params.vessel_max_diameter_um / wm / 2) ** 2
+    keep = big | (x == 0) | (y == 0) | (x + w == W) | (y + h == H)
+    keep[0] = False
+    return keep[lab]
+
+
+def _find_vessels(fiber: np.ndarray, tissue: np.ndarray, bright: np.ndarray | None,
+                  od: np.ndarray | None, wm: float, params: CompartmentParams) -> np.ndarray:
+    """Vessel mask (lumen + wall) on the working grid."""
+    cand = ~tissue if bright is None else (~tissue | bright)
+    cand &= ~fiber
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(cand.astype(np.uint8), connectivity=8)
+    vessel = np.zeros(fiber.shape, bool)
+    if n <= 1:
+        return vessel
+    H, W = fiber.shape
+    nonfiber_tissue = tissue & ~fiber
+    od_ref = float(np.median(od[nonfiber_tissue])) if od is not None and nonfiber_tissue.any() \
+        else 0.0
+    a_min = math.pi * (params.lumen_min_diameter_um / wm / 2) ** 2
+    a_max = math.pi * (params.vessel_max_diameter_um / wm / 2) ** 2
+    for i in range(1, n):
+        x, y, w, h, area = stats[i]
+        if area < a_min or area > a_max or x == 0 or y == 0 or x + w == W or y + h == H:
+            continue
+        r_lumen = math.sqrt(area / math.pi)
+        wall_px = max(params.wall_um / wm, params.wall_fraction * r_lumen, 1.0)
+        if 2 * (r_lumen + wall_px) * wm < params.vessel_min_diameter_um:
+            continue
+        pad = int(math.ceil(wall_px)) + 1
+        y0, y1 = max(0, y - pad), min(H, y + h + pad)
+        x0, x1 = max(0, x - pad), min(W, x + w + pad)
+        lum = lab[y0:y1, x0:x1] == i
+        cnts, _ = cv2.findContours(lum.astype(np.uint8), cv2.RETR_EXTERNAL,
+                                   cv2.CHAIN_APPROX_SIMPLE)
+        hull = cv2.convexHull(np.concatenate(cnts))
+        harea = cv2.contourArea(hull) + 0.5 * cv2.arcLength(hull, True) + 1.0
+        if area / harea < params.min_lumen_solidity:
+            continue
+        d = cv2.distanceTransform((~lum).astype(np.uint8), cv2.DIST_L2, 5)
+        ring = (d > 0) & (d <= wall_px)
+        n_ring = int(ring.sum())
+        if n_ring == 0:
+            continue
+        wall = ring & nonfiber_tissue[y0:y1, x0:x1]
+        if wall.sum() < params.wall_min_tissue_fraction * n_ring:
+            continue
+        if od is not None and float(od[y0:y1, x0:x1][wall].mean()) < params.wall_min_od_ratio * od_ref:
+            continue  # a loose space in connective tissue, not a cellular wall
+        vessel[y0:y1, x0:x1] |= lum | wall
+    return vessel
+
+
+def compartment_map(
+    fiber_labels: np.ndarray,
+    tissue: np.ndarray,
+    *,
+    mpp: float,
+    hema_od: np.ndarray | None = None,
+    dab_od: np.ndarray | None = None,
+    rgb: np.ndarray | None = None,
+    params: CompartmentParams | None = None,
+) -> np.ndarray:
+    """Compartment code of every pixel (uint8, codes in the module docstring).
+
+    Parameters
+    ----------
+    fiber_labels : ndarray of int, shape (H, W)
+        Fiber labels (0 = not a fiber), e.g. from :func:`biopsyquant.fibers.segment_fibers`.
+    tissue : ndarray of bool, shape (H, W)
+        Analysed tissue (exclusions removed). Pixels outside are code 0 unless they are a
+        vessel lumen.
+    mpp : float
+        Pixel size, µm per pixel.
+    hema_od, dab_od : ndarray of float, shape (H, W), optional
+        Hematoxylin and DAB OD (log10); where their sum is below ``lumen_max_od`` a pixel is
+        glass-bright (vessel lumens inside the tissue mask).
+    rgb : ndarray of uint8, shape (H, W, 3), optional
+        Used for the brightness test when ``hema_od`` is not given (OD against white).
+    params : CompartmentParams, optional
+
+    Returns
+    -------
+    ndarray of uint8, shape (H, W)
+    """
+    params = CompartmentParams() if params is None else params
+    fiber_labels = np.asarray(fiber_labels)
+    tissue = np.asarray(tissue)
+    if fiber_labels.ndim != 2:
+        raise InputError(f"`fiber_labels` must be a 2-D label image, got shape "
+                         f"{fiber_labels.shape}")
+    shape = fiber_labels.shape
+    if tissue.shape != shape:
+        raise InputError(f"`tissue` has shape {tissue.shape}, fiber labels have {shape}")
+    for name, arr in (("hema_od", hema_od), ("dab_od", dab_od)):
+        if arr is not None and np.shape(arr) != shape:
+            raise InputError(f"`{name}` has shape {np.shape(arr)}, fiber labels have {shape}")
+    if rgb is not None and np.shape(rgb)[:2] != shape:
+        raise InputError(f"`rgb` has shape {np.shape(rgb)}, fiber labels have {shape}")
+    mpp = _check_mpp(mpp)
+    tissue = tissue.astype(bool, copy=False)
+    fiber_full = fiber_labels > 0
+
+    # brightness (lumen-like) image
+    bright_full = None
+    od = None
+    if hema_od is not None:
+        od = np.asarray(hema_od, np.float32)
+        if dab_od is not None:
+            od = od + np.maximum(np.asarray(dab_od, np.float32), 0)
+        bright_full = od < params.lumen_max_od
+    elif rgb is not None:
+        rgb = np.asarray(rgb)
+        if rgb.dtype == np.uint8 and rgb.ndim == 3:
+            lut = np.maximum(-np.log10(np.maximum(np.arange(256), 1) / 255.0), 0)
+            od = (lut[rgb].sum(-1) / 3.0).astype(np.float32)
+            bright_full = od < params.lumen_max_od
+
+    # working grid
+    factor = max(1.0, params.working_mpp_um / mpp)
+    if factor > 1.0:
+        ws = (max(1, int(round(shape[0] / factor))), max(1, int(round(shape[1] / factor))))
+    else:
+        ws = shape
+    wm = mpp * shape[0] / ws[0]
+    fiber = _resize_mask(fiber_full, ws)
+    tis = _resize_mask(tissue | fiber_full, ws)
+    bright = _resize_mask(bright_full, ws) if bright_full is not None else None
+    od_w = None
+    if od is not None:
+        od_w = od if ws == shape else cv2.resize(od, (ws[1], ws[0]), interpolation=cv2.INTER_AREA)
+
+    nonfiber = tis & ~fiber
+    peri = _opening_by_disk(nonfiber, params.perimysium_min_width_um / wm / 2.0)
+    if params.epimysium_um > 0:
+        outside = _outside(tis, wm, params)
+        if outside.any():
+            d_out = cv2.distanceTransform((~outside).astype(np.uint8), cv2.DIST_L2, 5)
+            peri |= nonfiber & (d_out <= params.epimysium_um / wm)
+    vessel = _find_vessels(fiber, tis & ~(bright if bright is not None else False), bright,
+                           od_w, wm, params)
+    perivasc = np.zeros(ws, bool)
+    if vessel.any() and params.perivascular_width_um > 0:
+        d = cv2.distanceTransform((~vessel).astype(np.uint8), cv2.DIST_L2, 5)
+        perivasc = (d <= params.perivascular_width_um / wm) & nonfiber & ~vessel
+
+    if ws != shape:
+        peri = _resize_mask(peri, shape)
+        vessel = _resize_mask(vessel, shape)
+        perivasc = _resize_mask(perivasc, shape)
+
+    codes = np.zeros(shape, np.uint8)
+    codes[tissue] = CODES["endomysium"]
+    codes[peri & tissue] = CODES["perimysium"]
+    codes[perivasc & tissue] = CODES["perivascular"]
+    codes[vessel & ~fiber_full] = CODES["vessel"]
+    codes[fiber_full] = CODES["fiber"]
+    return codes
+
+
+def compartment_areas_mm2(codes: np.ndarray, mpp: float | None) -> dict[str, float]:
+    """Area of each compartment in mm².
+
+    Parameters
+    ----------
+    codes : ndarray of uint8, shape (H, W)
+        Output of :func:`compartment_map`.
+    mpp : float or None
+        Pixel size (µm/px); None gives NaN areas.
+
+    Returns
+    -------
+    dict
+        ``{"fiber_area_mm2": ..., "endomysium_area_mm2": ..., "perimysium_area_mm2": ...,
+        "vessel_area_mm2": ..., "perivascular_area_mm2": ..., "analysed_area_mm2": ...}``
+        (``analysed`` = codes 1-5).
+    """
+    codes = np.asarray(codes)
+    if codes.ndim != 2:
+        raise InputError(f"`codes` must be a 2-D compartment image, got shape {codes.shape}")
+    counts = np.bincount(codes.ravel().astype(np.intp), minlength=6)
+    if counts.size > 6:
+        raise InputError(f"`codes` holds values above 5 (max {codes.max()}); not a compartment map")
+    px_mm2 = float("nan") if mpp is None else (_check_mpp(mpp) / 1000.0) ** 2
+    out = {f"{COMPARTMENT_NAMES[c]}_area_mm2": float(counts[c] * px_mm2) for c in range(1, 6)}
+    out["analysed_area_mm2"] = float(counts[1:6].sum() * px_mm2)
+    return out
+
+
+def fascicle_edge_distance_um(
+    fiber_labels: np.ndarray,
+    codes: np.ndarray,
+    *,
+    mpp: float | None,
+    params: CompartmentParams | None = None,
+) -> pd.Series:
+    """Distance from each fiber's outline to the nearest fascicle edge.
+
+    The fascicle edge is every pixel whose code is in ``params.fascicle_edge_codes``
+    (default perimysium, vessel, perivascular). The distance is measured from the fiber pixel
+    nearest to the edge (0 for a fiber touching it).
+
+    Parameters
+    ----------
+    fiber_labels : ndarray of int, shape (H, W)
+    codes : ndarray of uint8, shape (H, W)
+    mpp : float or None
+        µm per pixel; None gives NaN distances.
+    params : CompartmentParams, optional
+
+    Returns
+    -------
+    Series of float, indexed by ``fiber_id``, name ``fascicle_edge_distance_um``
+        NaN where the section has no fascicle edge at all.
+    """
+    params = CompartmentParams() if params is None else params
+    fiber_labels = np.asarray(fiber_labels)
+    codes = np.asarray(codes)
+    if fiber_labels.shape != codes.shape or fiber_labels.ndim != 2:
+        raise InputError(f"`fiber_labels` {fiber_labels.shape} and `codes` {codes.shape} must be "
+                         "2-D images of the same shape")
+    ids = np.flatnonzero(np.bincount(fiber_labels.ravel().astype(np.intp)))
+    ids = ids[ids > 0]
+    name = "fascicle_edge_distance_um"
+    if len(ids) == 0:
+        return pd.Series([], index=pd.Index([], name="fiber_id", dtype=np.int32), name=name,
+                         dtype=float)
+    edge = np.isin(codes, np.asarray(params.fascicle_edge_codes, np.uint8))
+    if mpp is None or not edge.any():
+        return pd.Series(np.nan, index=pd.Index(ids.astype(np.int32), name="fiber_id"),
+                         name=name)
+    mpp = _check_mpp(mpp)
+    d = cv2.distanceTransform((~edge).astype(np.uint8), cv2.DIST_L2, 5)
+    dmin = ndi.minimum(d, labels=fiber_labels, index=ids)
+    dist_um = np.maximum(np.asarray(dmin, float) - 1.0, 0.0) * mpp
+    return pd.Series(dist_um, index=pd.Index(ids.astype(np.int32), name="fiber_id"), name=name)
+
+
+def perifascicular_fibers(distance_um: pd.Series, params: CompartmentParams | None = None
+                          ) -> pd.Series:
+    """True for fibers within ``params.perifascicular_distance_um`` of the fascicle edge.
+
+    Parameters
+    ----------
+    distance_um : Series
+        Output of :func:`fascicle_edge_distance_um` (NaN distances give False).
+    params : CompartmentParams, optional
+
+    Returns
+    -------
+    Series of bool, same index, name ``perifascicular``
+    """
+    params = CompartmentParams() if params is None else params
+    out = (distance_um <= params.perifascicular_distance_um).fillna(False).astype(bool)
+    out.name = "perifascicular"
+    return out

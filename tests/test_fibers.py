@@ -1,0 +1,266 @@
+"""Tests of fiber segmentation and the fiber table (biopsyquant.fibers)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+from scipy.spatial import cKDTree
+from skimage.segmentation import find_boundaries
+
+from biopsyquant.errors import InputError, MppUnknownError
+from biopsyquant.evaluate import match_labels
+from biopsyquant.fibers import FIBER_COLUMNS, FiberParams, fiber_table, segment_fibers
+
+HEMA = np.array([0.651, 0.701, 0.290])
+DAB = np.array([0.269, 0.568, 0.778])
+BG = np.array([242.0, 240.0, 238.0])
+
+
+def _render(hema: np.ndarray, dab: np.ndarray, rng: np.random.Generator, noise=1.5):
+    """Beer-Lambert RGB from hematoxylin and DAB concentration maps (log10 OD)."""
+    od = hema[..., None] * HEMA / np.linalg.norm(HEMA) + dab[..., None] * DAB / np.linalg.norm(DAB)
+    rgb = BG * 10.0 ** (-od) + rng.normal(0, noise, od.shape)
+    return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+
+
+def phantom(seed=0, shape=(400, 400), mpp=0.5, gap_um=2.0, n=36, dab_fill=(), dab_rim=()):
+    """Voronoi 'fibers' separated by hematoxylin-stained endomysium, with peripheral nuclei.
+
+    Returns rgb, truth labels (fibers without the endomysium) and the hematoxylin map.
+    """
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    pts = rng.uniform([0, 0], [h, w], (n, 2))
+    yy, xx = np.mgrid[0:h, 0:w]
+    _, owner = cKDTree(pts).query(np.column_stack([yy.ravel(), xx.ravel()]))
+    vor = owner.reshape(shape).astype(np.int32) + 1
+    bnd = find_boundaries(vor, mode="thick")
+    gap_px = max(1, int(round(gap_um / mpp / 2)))
+    from scipy import ndimage as ndi
+
+    endo = ndi.binary_dilation(bnd, iterations=gap_px)
+    truth = np.where(endo, 0, vor).astype(np.int32)
+    hema = np.where(truth > 0, 0.06, 0.16).astype(np.float64)
+    hema *= 1 + 0.08 * rng.standard_normal(shape)
+    dab = np.full(shape, 0.02)
+    for k in dab_fill:
+        dab[truth == k] = 0.6
+    for k in dab_rim:
+        m = truth == k
+        inner = ndi.binary_erosion(m, iterations=int(round(2.5 / mpp)))
+        dab[m & ~inner] = 0.8
+    # peripheral nuclei on the endomysium
+    ys, xs = np.nonzero(bnd)
+    pick = rng.choice(len(ys), size=min(60, len(ys)), replace=False)
+    for y, x in zip(ys[pick], xs[pick], strict=True):
+        rr = (yy - y) ** 2 / 16.0 + (xx - x) ** 2 / 64.0
+        hema[rr < 1] = 0.7
+    rgb = _render(hema, dab, rng)
+    return rgb, truth, hema
+
+
+def _clean_truth(truth, mpp, min_um=10.0):
+    """Drop truth fragments smaller than the smallest fiber segment_fibers keeps."""
+    areas = np.bincount(truth.ravel())
+    small = np.flatnonzero(areas < 0.6 * math.pi * (min_um / 2 / mpp) ** 2)
+    return np.where(np.isin(truth, small), 0, truth)
+
+
+# ----------------------------------------------------------------------------- params / input
+
+
+def test_params_validation():
+    with pytest.raises(InputError, match="min_diameter_um"):
+        FiberParams(min_diameter_um=-1)
+    with pytest.raises(InputError, match="max_diameter_um"):
+        FiberParams(min_diameter_um=50, max_diameter_um=40)
+    with pytest.raises(InputError, match="pale_fraction"):
+        FiberParams(pale_fraction=3)
+
+
+def test_absurd_mpp_refused():
+    rgb = np.full((200, 200, 3), 200, np.uint8)
+    with pytest.raises(InputError, match=r"mpp=5.*2\.0 px"):
+        segment_fibers(rgb, mpp=5.0)  # 10 µm fibers would be 2 px across
+    with pytest.raises(InputError, match="larger than the whole image"):
+        segment_fibers(rgb, mpp=0.01)  # smallest fiber 1000 px > 200 px image
+    with pytest.raises(InputError, match="positive"):
+        segment_fibers(rgb, mpp=-0.5)
+    with pytest.raises(MppUnknownError):
+        segment_fibers(rgb, mpp=None)
+
+
+def test_bad_arrays_refused():
+    with pytest.raises(InputError, match="3 channels"):
+        segment_fibers(np.zeros((50, 50, 4), np.uint8), mpp=0.5)
+    with pytest.raises(InputError, match="uint8"):
+        segment_fibers(np.zeros((50, 50, 3), np.float32), mpp=0.5)
+    with pytest.raises(InputError, match="tissue"):
+        segment_fibers(np.zeros((50, 50, 3), np.uint8), mpp=0.5, tissue=np.ones((10, 10), bool))
+
+
+def test_no_tissue_and_no_fibers_warn_and_return_empty():
+    glass = np.full((300, 300, 3), 240, np.uint8)
+    with pytest.warns(UserWarning, match="no muscle fibers"):
+        lab = segment_fibers(glass, mpp=0.5)
+    assert lab.shape == (300, 300) and lab.dtype == np.int32 and lab.max() == 0
+    with pytest.warns(UserWarning, match="tissue mask is empty"):
+        lab = segment_fibers(glass, mpp=0.5, tissue=np.zeros((300, 300), bool))
+    assert lab.max() == 0
+    with pytest.warns(UserWarning, match="no fibers"):
+        tab = fiber_table(lab, mpp=0.5)
+    assert list(tab.columns) == list(FIBER_COLUMNS) and len(tab) == 0
+
+
+# ----------------------------------------------------------------------------- segmentation
+
+
+def test_phantom_fibers_found():
+    rgb, truth, _ = phantom(seed=1)
+    lab = segment_fibers(rgb, mpp=0.5)
+    assert lab.dtype == np.int32 and lab.shape == truth.shape
+    truth = _clean_truth(truth, 0.5)
+    r = match_labels(lab, truth)
+    assert r.f1 >= 0.9, r
+    n_pred, n_true = len(np.unique(lab)) - 1, len(np.unique(truth)) - 1
+    assert abs(n_pred - n_true) <= max(2, 0.1 * n_true)
+
+
+def test_dab_filled_and_rimmed_fibers_stay_single_fibers():
+    rgb, truth, _ = phantom(seed=2, dab_fill=(3, 8), dab_rim=(5, 12, 20))
+    lab = segment_fibers(rgb, mpp=0.5)
+    for k in (3, 8, 5, 12, 20):
+        t = truth == k
+        if t.sum() < 400:  # fragment cut by the image border
+            continue
+        ids, counts = np.unique(lab[t], return_counts=True)
+        best = ids[np.argmax(np.where(ids > 0, counts, 0))]
+        assert best > 0, f"fiber {k} not found"
+        inter = np.count_nonzero(t & (lab == best))
+        iou = inter / np.count_nonzero(t | (lab == best))
+        assert iou >= 0.5, f"fiber {k} (DAB) IoU {iou:.2f}"
+
+
+def test_resolution_independence():
+    """The same phantom at 0.25 and 0.5 µm/px gives about the same fibers."""
+    rgb, truth, _ = phantom(seed=3, shape=(300, 300), mpp=0.5)
+    import cv2
+
+    big = cv2.resize(rgb, (600, 600), interpolation=cv2.INTER_LINEAR)
+    lab_half = segment_fibers(rgb, mpp=0.5)
+    lab_quarter = segment_fibers(big, mpp=0.25)
+    a1 = np.bincount(lab_half.ravel())[1:] * 0.25
+    a2 = np.bincount(lab_quarter.ravel())[1:] * 0.0625
+    a1, a2 = a1[a1 > 0], a2[a2 > 0]
+    assert abs(len(a1) - len(a2)) <= 2
+    assert np.median(a2) == pytest.approx(np.median(a1), rel=0.1)
+
+
+@pytest.mark.parametrize("marker,seed,opts", [
+    ("MHC-I", 21, {}),
+    ("CD163", 22, {"vector_jitter_deg": 8.0, "jpeg_quality": 80}),
+])
+def test_synthetic_sections(marker, seed, opts):
+    synthetic = pytest.importorskip("biopsyquant.synthetic")
+    s = synthetic.generate_section(marker=marker, seed=seed, shape=(768, 768), mpp=0.5, **opts)
+    lab = segment_fibers(s.rgb, mpp=s.mpp)
+    r = match_labels(lab, s.fibers)
+    # floors set below what the current pipeline achieves (see docs/_parts/fibers-validation.md)
+    assert r.f1 >= 0.55, r
+    n_true = int(len(np.unique(s.fibers)) - 1)
+    n_pred = int(len(np.unique(lab)) - 1)
+    assert abs(n_pred - n_true) <= 0.35 * n_true
+
+
+# ----------------------------------------------------------------------------- fiber table
+
+
+def _disk(shape, cy, cx, r):
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def test_fiber_table_geometry():
+    lab = np.zeros((300, 400), np.int32)
+    lab[_disk(lab.shape, 100, 100, 40)] = 1
+    lab[150:190, 200:300] = 2  # 100 x 40 px rectangle
+    lab[0:30, 350:380] = 3  # touches the image border
+    mpp = 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = fiber_table(lab, mpp=mpp).set_index("fiber_id")
+    assert list(t.reset_index().columns) == list(FIBER_COLUMNS)
+    d = t.loc[1]
+    assert d.area_um2 == pytest.approx(math.pi * 40**2 * mpp**2, rel=0.02)
+    assert d.min_feret_um == pytest.approx(81 * mpp, rel=0.03)
+    assert d.max_feret_um == pytest.approx(81 * mpp, rel=0.03)
+    assert d.perimeter_um == pytest.approx(2 * math.pi * 40 * mpp, rel=0.05)
+    assert d.eccentricity < 0.1 and d.solidity > 0.95
+    assert (d.x_px, d.y_px) == pytest.approx((100, 100), abs=0.01)
+    assert (d.x_um, d.y_um) == pytest.approx((50, 50), abs=0.01)
+    r = t.loc[2]
+    assert r.min_feret_um == pytest.approx(40 * mpp, abs=0.01)
+    assert r.max_feret_um == pytest.approx(math.hypot(100, 40) * mpp, abs=0.01)
+    assert r.area_px == 4000 and r.solidity == pytest.approx(1.0, abs=1e-6)
+    assert r.eccentricity == pytest.approx(math.sqrt(1 - (40 / 100) ** 2), abs=0.02)
+    assert not d.touches_edge and not r.touches_edge and t.loc[3].touches_edge
+    assert (t.n_internal_nuclei == -1).all()  # no hematoxylin image given
+    assert t.fascicle_edge_distance_um.isna().all()
+
+
+def test_fiber_table_edges_exclusion_and_nuclei():
+    shape = (300, 300)
+    lab = np.zeros(shape, np.int32)
+    lab[_disk(shape, 80, 80, 50)] = 1
+    lab[_disk(shape, 200, 200, 50)] = 2
+    tissue = np.ones(shape, bool)
+    tissue[:, 270:] = False  # fiber 2 reaches x=250: 20 px = 10 µm from the edge -> no touch
+    tissue[:, 252:] = False  # now 2 px away -> touches
+    exclusion = np.zeros(shape, bool)
+    exclusion[0:20, 60:100] = True  # 10 px above fiber 1's top (y=30) at 0.5 µm/px -> 5 µm
+    hema = np.zeros(shape, np.float32)
+    hema[_disk(shape, 80, 80, 5)] = 0.6  # central nucleus of fiber 1
+    hema[_disk(shape, 200, 153, 5)] = 0.6  # peripheral nucleus of fiber 2 (centre 3 px inside)
+    hema[_disk(shape, 215, 200, 5)] = 0.6  # internal nucleus of fiber 2
+    t = fiber_table(lab, mpp=0.5, hema_od=hema, tissue=tissue, exclusion=exclusion,
+                    params=FiberParams(edge_distance_um=2.0)).set_index("fiber_id")
+    assert not t.loc[1].touches_edge and t.loc[2].touches_edge
+    assert not t.loc[1].touches_exclusion  # 5 µm away > 2 µm
+    t2 = fiber_table(lab, mpp=0.5, exclusion=exclusion,
+                     params=FiberParams(edge_distance_um=6.0)).set_index("fiber_id")
+    assert t2.loc[1].touches_exclusion and not t2.loc[2].touches_exclusion
+    assert t.loc[1].n_internal_nuclei == 1
+    assert t.loc[2].n_internal_nuclei == 1
+
+
+def test_fiber_table_without_mpp():
+    lab = np.zeros((100, 100), np.int32)
+    lab[20:60, 20:60] = 7
+    t = fiber_table(lab, mpp=None)
+    assert t.fiber_id.tolist() == [7] and t.area_px.tolist() == [1600]
+    for c in ("x_um", "y_um", "area_um2", "min_feret_um", "max_feret_um", "perimeter_um"):
+        assert t[c].isna().all()
+    assert t.x_px.iloc[0] == pytest.approx(39.5)
+
+
+def test_fiber_table_matches_synthetic_truth():
+    synthetic = pytest.importorskip("biopsyquant.synthetic")
+    s = synthetic.generate_section(marker="CD163", seed=5, shape=(512, 512), mpp=0.5)
+    t = fiber_table(s.fibers, mpp=s.mpp, hema_od=s.hema_od, tissue=s.tissue)
+    ft = s.fiber_truth.set_index("id")
+    t = t.set_index("fiber_id").loc[ft.index]
+    np.testing.assert_allclose(t.area_um2, ft.area_um2, rtol=0.01)
+    np.testing.assert_allclose(t.x_um, ft.x_um, atol=0.5)
+    # Feret by rotating calipers on the pixel-corner hull vs the generator's 36-angle estimate
+    big = ft.area_um2 > 200
+    np.testing.assert_allclose(t.min_feret_um[big], ft.min_feret_um[big], rtol=0.08, atol=1.0)
+
+
+def test_fiber_table_bad_input():
+    with pytest.raises(InputError, match="labels"):
+        fiber_table(np.zeros((5, 5), float), mpp=0.5)
+    with pytest.raises(InputError, match="hema_od"):
+        fiber_table(np.ones((5, 5), np.int32), mpp=0.5, hema_od=np.zeros((4, 4)))
