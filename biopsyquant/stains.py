@@ -342,8 +342,10 @@ class ThresholdCounts(NamedTuple):
         ``counts[i]`` = pixels with exactly ``i`` thresholds ``<=`` their stain OD
         (0 = negative, 1 = weak 1+, 2 = moderate 2+, 3 = strong 3+ for three thresholds).
     od_sum : ndarray of float64, shape (k + 1,)
-        Sum of the stain OD (log10 units, unclipped) over the pixels of each class;
-        ``od_sum.sum() / counts.sum()`` is the mean OD of all counted pixels.
+        Sum of the stain OD (log10 units, unclipped) over the pixels of each class, each
+        pixel's OD rounded to 2**-20 (~1e-6) OD and summed exactly as integers — so sums do not
+        depend on the order of pixels or tiles and add up exactly over tiles;
+        ``od_sum.sum() / counts.sum()`` is the mean OD of all counted pixels (to < 1e-6).
     """
 
     counts: np.ndarray
