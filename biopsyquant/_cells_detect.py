@@ -185,7 +185,9 @@ def split_objects(fg: np.ndarray, *, min_diameter_px: float, max_diameter_px: fl
     dist = cv2.distanceTransform(fg, cv2.DIST_L2, cv2.DIST_MASK_5)
     dist_s = gaussian(dist, sigma_px)
     if intensity is not None:
-        dist_s = dist_s * np.maximum(intensity, 0)
+        # inside a large blob the distance transform alone would put one marker at its
+        # centre: clip it at the smallest cell radius so that the stain (nuclei) decides
+        dist_s = np.minimum(dist_s, np.float32(0.5 * min_diameter_px)) * np.maximum(intensity, 0)
     seeds = _local_maxima(dist_s, int(round(min_diameter_px)),
                           min_value=1e-6 if intensity is not None else 1.0)
     if len(seeds) == 0:
@@ -263,14 +265,17 @@ def _nearest_seed_group(ys, xs, pc, seeds, seed_comp, groups, any_group, max_dir
 
 
 def refine_large(labels: np.ndarray, det: np.ndarray, *, max_area_px: float, levels: int,
-                 split_kwargs: dict) -> np.ndarray:
+                 split_kwargs: dict, keep_low: int = 0) -> np.ndarray:
     """Re-threshold objects larger than ``max_area_px`` at their own Otsu level.
 
     Dense stained tissue (darkly stained nuclei in brown cytoplasm, macrophage clusters)
     merges into one foreground blob at a global threshold. Each oversized blob is thresholded
     again at the Otsu level of its detection values, the parts are split as usual, and this
-    repeats up to ``levels`` times; parts that fall below the threshold become background.
-    Works on the blobs' bounding boxes only.
+    repeats up to ``levels`` times. Parts that fall below the threshold become background,
+    unless ``keep_low`` > 0: then the paler remainder, opened with a disk of radius
+    ``keep_low - 1`` px (which removes the thin rims of the bright parts), is split into
+    objects too (weaker cells touching strong ones in a cluster). Works on the blobs'
+    bounding boxes only.
     """
     from skimage.filters import threshold_otsu
 
@@ -305,11 +310,24 @@ def refine_large(labels: np.ndarray, det: np.ndarray, *, max_area_px: float, lev
             kw["intensity"] = kw["intensity"][sl]
         part = split_objects(fg, **kw)
         part = refine_large(part, det[sl], max_area_px=max_area_px, levels=levels - 1,
-                            split_kwargs=kw)
+                            split_kwargs=kw, keep_low=keep_low)
         sub[inside] = 0
         m = part > 0
         sub[m] = part[m] + (next_label - 1)
         next_label += int(part.max())
+        if keep_low:
+            # the paler remainder may hold weaker cells of the same cluster: split it too
+            low = (inside & ~m).view(np.uint8)
+            if keep_low > 1:
+                low = cv2.erode(low, cv2.getStructuringElement(
+                    cv2.MORPH_ELLIPSE, (2 * keep_low - 1, 2 * keep_low - 1)))
+                low = cv2.dilate(low, cv2.getStructuringElement(
+                    cv2.MORPH_ELLIPSE, (2 * keep_low - 1, 2 * keep_low - 1))) & inside.view(
+                    np.uint8) & ~m.view(np.uint8)
+            rest = split_objects(low, **kw)
+            r = rest > 0
+            sub[r] = rest[r] + (next_label - 1)
+            next_label += int(rest.max())
     # compact the labels (some disappeared)
     used = np.zeros(next_label, bool)
     used[labels.ravel()] = True
@@ -320,14 +338,15 @@ def refine_large(labels: np.ndarray, det: np.ndarray, *, max_area_px: float, lev
 
 
 def trim_to_half_max(labels: np.ndarray, det: np.ndarray, fraction: float,
-                     max_hole_px: float = 0.0) -> np.ndarray:
+                     max_hole_px: float = 0.0, cap: float = np.inf) -> np.ndarray:
     """Move each object's boundary to ``fraction`` × its peak of ``det`` (0.5 = half maximum).
 
     A global threshold on a smoothed image places the edge of a strongly stained cell outside
     the cell (the blurred rim is above the threshold), diluting its mean OD in proportion to
     its stain; the half-maximum of a blurred step edge is the edge itself. Holes opened by the
     trimming (a paler nucleus inside a stained cell body) up to ``max_hole_px`` are filled back
-    with the object's label.
+    with the object's label. The edge level is at most ``cap`` so that a weaker cell merged
+    with a strong one is not cut away.
     """
     if fraction <= 0:
         return labels
@@ -339,7 +358,8 @@ def trim_to_half_max(labels: np.ndarray, det: np.ndarray, fraction: float,
     vals = det.ravel()[idx]
     peak = np.zeros(int(lab.max()) + 1, np.float32)
     np.maximum.at(peak, lab, vals)
-    drop = vals < np.float32(fraction) * peak[lab]
+    level = np.minimum(np.float32(fraction) * peak, np.float32(cap))
+    drop = vals < level[lab]
     out = labels.copy()
     out.ravel()[idx[drop]] = 0
     if max_hole_px > 0 and drop.any():

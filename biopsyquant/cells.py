@@ -58,7 +58,7 @@ COMPARTMENT_NAMES = {0: "outside", 1: "fiber", 2: "endomysium", 3: "perimysium",
 #: columns of the table returned by :func:`detect_cells`
 CELL_COLUMNS = ("cell_id", "x_px", "y_px", "area_px", "area_um2", "diameter_um",
                 "object_area_um2", "dab_mean_od", "dab_max_od", "dab_positive_fraction",
-                "dab_contrast_od", "hema_mean_od", "nucleus_dab_mean_od", "cell_dab_mean_od", "grade", "positive")
+                "dab_contrast_od", "hema_mean_od", "hema_max_od", "nucleus_dab_mean_od", "cell_dab_mean_od", "grade", "positive")
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,10 @@ class CellParams:
         Objects larger than ``max_area_um2`` (cells merged in densely stained tissue) are
         re-thresholded at their own Otsu level and split again, up to this many times
         (0 = drop them).
+    refine_keep_low_um : float
+        When > 0, the paler remainder of a re-thresholded blob is kept and split as well
+        (weaker cells inside a cluster of strong ones), after an opening of this radius (µm)
+        that removes the rims of the strong cells; 0 = the remainder is background.
     cell_min_diameter_um, cell_max_diameter_um : float
         Expected cell diameter range (CD163 macrophages 8–20 µm). Markers closer than the
         minimum are one cell; only markers closer than the maximum are tested for merging.
@@ -130,6 +134,13 @@ class CellParams:
         half maximum, the true edge of a blurred cell) so that strongly stained cells are not
         diluted by their smoothed rim; 0 keeps the threshold edge (QuPath's behaviour). In
         ``"dab+hematoxylin"`` mode only the stained cells are trimmed (their DAB is graded).
+    boundary_max_od : float
+        Upper limit of that edge level (detection-image OD; 0 = none), so that a weaker cell
+        merged with a strong one keeps its pixels.
+    min_nucleus_od : float
+        A positive cell must contain a nucleus: its maximum hematoxylin OD (smoothed over
+        1 µm) must reach this (rejects nucleus-free DAB blotches, fibrillar non-specific
+        staining; QuPath's detection is nucleus-based too); 0 = off.
     min_dab_contrast_od : float
         A positive cell's mean DAB above its local background (the grey opening of
         ``background_radius_um``) must reach this; rejects broad faint non-specific DAB
@@ -157,11 +168,14 @@ class CellParams:
     fill_holes_um2: float = 0.0
     min_dab_contrast_od: float = 0.0
     boundary_fraction: float = 0.0
+    boundary_max_od: float = 0.0
+    min_nucleus_od: float = 0.0
     split_touching: bool = True
     split_sigma_um: float = 1.0
     split_merge_ratio: float = 0.75
     refine_levels: int = 2
     split_by: str = "shape"
+    refine_keep_low_um: float = 0.0
     split_hematoxylin_floor_od: float = 0.1
     cell_min_diameter_um: float = 5.0
     cell_max_diameter_um: float = 25.0
@@ -299,11 +313,14 @@ def _segment(channel: np.ndarray, mask: np.ndarray | None, threshold: float, *,
     kw = dict(split_kwargs, intensity=_split_intensity(params, det, hema, um))
     labels = _d.split_objects(fg, **kw)
     del fg
+    keep_low = int(round(params.refine_keep_low_um * um)) + 1 if params.refine_keep_low_um \
+        else 0
     labels = _d.refine_large(labels, det, max_area_px=params.max_area_um2 / px_area_um2,
-                             levels=params.refine_levels, split_kwargs=kw)
+                             levels=params.refine_levels, split_kwargs=kw, keep_low=keep_low)
     if trim:
         labels = _d.trim_to_half_max(labels, det, params.boundary_fraction,
-                                     params.fill_holes_um2 / px_area_um2)
+                                     params.fill_holes_um2 / px_area_um2,
+                                     cap=params.boundary_max_od or np.inf)
     return labels, det
 
 
@@ -414,6 +431,8 @@ def detect_cells(
     lab_o = labels.ravel()[idx]
     dmax = np.zeros(n + 1, np.float32)
     np.maximum.at(dmax, lab_o, dab_s.ravel()[idx])
+    hmax = np.zeros(n + 1, np.float32)
+    np.maximum.at(hmax, lab_o, _d.gaussian(hema, 1.0 * um).ravel()[idx])
 
     # area filter on the detected objects
     area_px = st["count"]
@@ -454,6 +473,10 @@ def detect_cells(
         meas, frac = np.nan_to_num(cyto_dab, nan=0.0), cyto_pos
     contrast = st["sum_dabc"][kept] / cnt if dab_det is not None else np.full(m, np.nan)
     grade, positive = grade_cells(meas, frac, params, contrast=contrast)
+    if params.min_nucleus_od > 0:  # a positive cell has a nucleus (as in QuPath)
+        has_nucleus = hmax[kept] >= params.min_nucleus_od
+        positive &= has_nucleus
+        grade = np.where(positive, grade, 0).astype(np.int8)
     area_um2 = cnt * px_area_um2
     table = pd.DataFrame({
         "cell_id": np.arange(1, m + 1, dtype=np.int64),
@@ -468,6 +491,7 @@ def detect_cells(
         "dab_positive_fraction": frac.astype(np.float64),
         "dab_contrast_od": contrast,
         "hema_mean_od": st["sum_hema"][kept] / cnt,
+        "hema_max_od": hmax[kept].astype(np.float64),
         "nucleus_dab_mean_od": nuc_dab,
         "cell_dab_mean_od": cell_dab,
         "grade": grade,
