@@ -68,10 +68,10 @@ class CompartmentParams:
     lumen_max_od : float
         A pixel is lumen-like (glass bright) when hematoxylin + DAB OD is below this (log10).
     wall_um : float
-        Minimum wall thickness examined around a lumen; the ring examined is
-        ``max(wall_um, wall_fraction * lumen radius)`` wide.
+        Width of the ring right around a lumen that must be a wall (non-fiber, stained).
     wall_fraction : float
-        Wall thickness relative to the lumen radius.
+        Largest wall thickness relative to the lumen radius: beyond ``wall_um`` the wall
+        extends over stained non-fiber tissue up to ``max(wall_um, wall_fraction * radius)``.
     wall_min_tissue_fraction : float
         At least this fraction of the ring around a lumen must be non-fiber tissue (a wall);
         cracks and gaps between fibers are rimmed by fibers and rejected.
@@ -100,7 +100,7 @@ class CompartmentParams:
     lumen_min_diameter_um: float = 4.0
     lumen_max_od: float = 0.1
     wall_um: float = 3.0
-    wall_fraction: float = 0.4
+    wall_fraction: float = 1.0
     wall_min_tissue_fraction: float = 0.6
     min_lumen_solidity: float = 0.8
     wall_min_od_ratio: float = 1.05
@@ -192,18 +192,22 @@ def _find_vessels(fiber: np.ndarray, tissue: np.ndarray, bright: np.ndarray | No
         return vessel
     H, W = fiber.shape
     nonfiber_tissue = tissue & ~fiber
+    tissue_or_bright = tissue if bright is None else tissue | bright
     od_ref = float(np.median(od[nonfiber_tissue])) if od is not None and nonfiber_tissue.any() \
         else 0.0
     a_min = math.pi * (params.lumen_min_diameter_um / wm / 2) ** 2
     a_max = math.pi * (params.vessel_max_diameter_um / wm / 2) ** 2
     for i in range(1, n):
         x, y, w, h, area = stats[i]
-        if area < a_min or area > a_max or x == 0 or y == 0 or x + w == W or y + h == H:
+        if area < a_min or area > a_max:
             continue
+        at_border = x == 0 or y == 0 or x + w == W or y + h == H
+        if at_border and not tissue_or_bright[y:y + h, x:x + w][lab[y:y + h, x:x + w] == i].all():
+            continue  # glass around the section, or a hole cut by the image border
         r_lumen = math.sqrt(area / math.pi)
         wall_px = max(params.wall_um / wm, params.wall_fraction * r_lumen, 1.0)
         if 2 * (r_lumen + wall_px) * wm < params.vessel_min_diameter_um:
-            continue
+            continue  # even the thickest wall would leave it capillary-sized
         pad = int(math.ceil(wall_px)) + 1
         y0, y1 = max(0, y - pad), min(H, y + h + pad)
         x0, x1 = max(0, x - pad), min(W, x + w + pad)
@@ -215,15 +219,26 @@ def _find_vessels(fiber: np.ndarray, tissue: np.ndarray, bright: np.ndarray | No
         if area / harea < params.min_lumen_solidity:
             continue
         d = cv2.distanceTransform((~lum).astype(np.uint8), cv2.DIST_L2, 5)
-        ring = (d > 0) & (d <= wall_px)
+        ring = (d > 0) & (d <= max(params.wall_um / wm, 1.0))
         n_ring = int(ring.sum())
         if n_ring == 0:
             continue
-        wall = ring & nonfiber_tissue[y0:y1, x0:x1]
-        if wall.sum() < params.wall_min_tissue_fraction * n_ring:
+        nft = nonfiber_tissue[y0:y1, x0:x1]
+        inner_wall = ring & nft
+        if inner_wall.sum() < params.wall_min_tissue_fraction * n_ring:
             continue
-        if od is not None and float(od[y0:y1, x0:x1][wall].mean()) < params.wall_min_od_ratio * od_ref:
-            continue  # a loose space in connective tissue, not a cellular wall
+        if od is not None:
+            odc = od[y0:y1, x0:x1]
+            if float(odc[inner_wall].mean()) < params.wall_min_od_ratio * od_ref:
+                continue  # a loose space in connective tissue, not a cellular wall
+            # the wall extends outwards as long as it is stained non-fiber tissue
+            wall = inner_wall | ((d > 0) & (d <= wall_px) & nft
+                                 & (odc >= params.wall_min_od_ratio * od_ref))
+        else:
+            wall = (d > 0) & (d <= wall_px) & nft
+        if 2 * (r_lumen + min(wall_px, float(d[wall].max()) if wall.any() else 0.0)) * wm \
+                < params.vessel_min_diameter_um:
+            continue
         vessel[y0:y1, x0:x1] |= lum | wall
     return vessel
 
@@ -279,19 +294,16 @@ def compartment_map(
     fiber_full = fiber_labels > 0
 
     # brightness (lumen-like) image
-    bright_full = None
     od = None
     if hema_od is not None:
         od = np.asarray(hema_od, np.float32)
         if dab_od is not None:
             od = od + np.maximum(np.asarray(dab_od, np.float32), 0)
-        bright_full = od < params.lumen_max_od
     elif rgb is not None:
         rgb = np.asarray(rgb)
         if rgb.dtype == np.uint8 and rgb.ndim == 3:
             lut = np.maximum(-np.log10(np.maximum(np.arange(256), 1) / 255.0), 0)
             od = (lut[rgb].sum(-1) / 3.0).astype(np.float32)
-            bright_full = od < params.lumen_max_od
 
     # working grid
     factor = max(1.0, params.working_mpp_um / mpp)
@@ -302,10 +314,17 @@ def compartment_map(
     wm = mpp * shape[0] / ws[0]
     fiber = _resize_mask(fiber_full, ws)
     tis = _resize_mask(tissue | fiber_full, ws)
-    bright = _resize_mask(bright_full, ws) if bright_full is not None else None
     od_w = None
+    bright = None
     if od is not None:
         od_w = od if ws == shape else cv2.resize(od, (ws[1], ws[0]), interpolation=cv2.INTER_AREA)
+        sig = 1.0 / wm
+        od_w = cv2.GaussianBlur(od_w, (0, 0), sig, sig, borderType=cv2.BORDER_REFLECT)
+        bright = od_w < params.lumen_max_od
+        # cut thin bridges between a lumen and pale spaces of loose connective tissue
+        r = max(1, int(round(2.0 / wm)))
+        k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+        bright = cv2.morphologyEx(bright.astype(np.uint8), cv2.MORPH_OPEN, k).astype(bool)
 
     nonfiber = tis & ~fiber
     peri = _opening_by_disk(nonfiber, params.perimysium_min_width_um / wm / 2.0)
