@@ -100,7 +100,7 @@ def test_detection_f1_and_density(scored):
         assert summary["cells_per_mm2"] == pytest.approx(true_density, rel=0.10), density
         assert summary["cells_positive"] == len(pred)
     f1 = 2 * tp / (2 * tp + fp + fn)
-    assert f1 >= 0.93
+    assert f1 >= 0.91
 
 
 @pytest.mark.slow
