@@ -33,7 +33,7 @@ DEFAULTS: dict = {
     "atrophic_diameter_um": (10.0, 30.0),
     "perifascicular_atrophy": False,
     "endomysium_width_um": (1.0, 4.0),
-    "corner_rounding_um": 3.5,
+    "corner_rounding_um": 4.5,
     "boundary_wobble_um": 0.6,
     "central_nuclei_fraction": 0.03,
     "myonuclei_per_100um": 1.6,    # peripheral myonuclei per 100 µm of fiber perimeter

@@ -395,6 +395,7 @@ def _build_geometry(p: dict) -> tuple[_Geo, dict]:
         mx = cv2.dilate(dt, np.ones((k, k), np.uint8))
         cmask = (dt >= mx) & (dt >= max(0.6 * um, 1.0)) & (nf > 0)
         cy, cx = np.nonzero(cmask)
+        del nf, dt, mx, cmask
         cc = np.column_stack([cx, cy]).astype(np.float64)
         n_cap = int(round(p["capillaries_per_fiber"] * n_fib_est))
         cpts, _ = _spaced(cc, 14 * um, rng, limit=n_cap)
@@ -416,14 +417,21 @@ def _build_geometry(p: dict) -> tuple[_Geo, dict]:
     nfib = int(fibers.max())
     raw_of = np.zeros(nfib + 1, np.int64)
     raw_of[fibers.ravel()] = raw.ravel()
+    del raw
     comp = compartments_of(fibers)
     fdist = cv2.distanceTransform((fibers > 0).astype(np.uint8), cv2.DIST_L2, 5)
     # per-fiber centroid -> edge distance / fascicle / atrophy
     cnt = np.bincount(fibers.ravel(), minlength=nfib + 1).astype(np.float64)
-    yy, xx = np.indices((H, W), dtype=np.float32)
-    sx = np.bincount(fibers.ravel(), weights=xx.ravel(), minlength=nfib + 1)
-    sy = np.bincount(fibers.ravel(), weights=yy.ravel(), minlength=nfib + 1)
-    del yy, xx
+    sx = np.zeros(nfib + 1)
+    sy = np.zeros(nfib + 1)
+    xrow = np.arange(W, dtype=np.float64)
+    for y0 in range(0, H, 512):  # centroids in row chunks (no full-size coordinate arrays)
+        blk = fibers[y0:y0 + 512]
+        sx += np.bincount(blk.ravel(), weights=np.broadcast_to(xrow, blk.shape).ravel(),
+                          minlength=nfib + 1)
+        sy += np.bincount(blk.ravel(), weights=np.repeat(np.arange(y0, y0 + blk.shape[0],
+                                                                   dtype=np.float64), W),
+                          minlength=nfib + 1)
     cxf = sx[1:] / np.maximum(cnt[1:], 1)
     cyf = sy[1:] / np.maximum(cnt[1:], 1)
     edge_um = grid.sample(edge_full_c, cxf, cyf) * mpp
@@ -432,8 +440,9 @@ def _build_geometry(p: dict) -> tuple[_Geo, dict]:
     geo = _Geo(fibers=fibers, compartments=comp, tissue=tissue, fdist=fdist,
                edge_um=edge_um, fascicle=fascicle, vessels=vessels, capillaries=capillaries,
                cellshapes=cellshapes, holes=len(holes))
+    room_full = None  # free it (the closure above is done with it)
     extra = dict(cx=cxf, cy=cyf, area_px=cnt[1:], atrophic=atro[seed_idx] if nfib else atro,
-                 grid=grid, room_full=room_full)
+                 grid=grid)
     return geo, extra
 
 
@@ -573,32 +582,39 @@ def _place_cells(p, comp, tissue, raw, *, rng) -> list:
 # staining
 
 
-def _fibrillar(rng, theta, um, n_bins: int = 8):
-    """Collagen-like fibrillar texture (float32, ~0..1) running along the angle field ``theta``.
+def _fibrillar(rng, c2, s2, um, *, stripe: int = 256, length_um: float = 3.5):
+    """Collagen-like fibrillar texture (float32, ~0..1) running along an orientation field.
 
-    White noise filtered with anisotropic Gaussian line kernels (long 3.5 µm, thin 0.5 µm) in
-    ``n_bins`` orientations, blended linearly between the two orientations nearest ``theta``.
+    ``c2``, ``s2`` (float32, full resolution) are cos/sin of twice the fibril angle (doubled
+    angles interpolate without wrap-around).  Thin-blurred white noise (0.5 µm) is averaged along
+    the local direction with Gaussian weights over ±2 ``length_um`` (a line-integral
+    convolution with bilinear ``cv2.remap`` steps of 1.5 µm), processed in stripes of ``stripe``
+    rows so the temporaries stay small.
     """
-    shape = theta.shape
-    noise = rng.standard_normal(shape, dtype=np.float32)
-    sl, ss = 3.5 * um, max(0.5 * um, 0.6)
-    half = int(math.ceil(2.5 * sl))
-    yy, xx = np.mgrid[-half:half + 1, -half:half + 1].astype(np.float32)
-    pos = np.mod(theta / (np.pi / n_bins), n_bins).astype(np.float32)
-    lo = np.floor(pos).astype(np.int8)
-    frac = pos - lo
-    hi = np.mod(lo + 1, n_bins).astype(np.int8)
-    out = np.zeros(shape, np.float32)
-    for b in range(n_bins):
-        a = b * np.pi / n_bins
-        u = xx * math.cos(a) + yy * math.sin(a)
-        v = -xx * math.sin(a) + yy * math.cos(a)
-        k = np.exp(-0.5 * ((u / sl) ** 2 + (v / ss) ** 2)).astype(np.float32)
-        k /= np.sqrt((k ** 2).sum())
-        t = cv2.filter2D(noise, -1, k, borderType=cv2.BORDER_REFLECT)
-        w = np.where(lo == b, 1 - frac, 0) + np.where(hi == b, frac, 0)
-        out += w * t
-    return (0.5 + 0.5 * np.tanh(0.9 * out)).astype(np.float32)
+    H, W = c2.shape
+    noise = G.fine_noise(rng, (H, W), max(0.5 * um, 0.6))
+    step = max(1.0, 1.5 * um)
+    K = int(math.ceil(2 * length_um * um / step))
+    wts = np.exp(-0.5 * ((np.arange(-K, K + 1) * step) / (length_um * um)) ** 2)
+    wts = (wts / np.sqrt((wts ** 2).sum())).astype(np.float32)
+    halo = int(math.ceil(K * step)) + 2
+    out = np.empty((H, W), np.float32)
+    xs = np.arange(W, dtype=np.float32)[None, :]
+    for y0 in range(0, H, stripe):
+        y1 = min(H, y0 + stripe)
+        a, b = max(0, y0 - halo), min(H, y1 + halo)
+        src = noise[a:b]
+        theta = 0.5 * np.arctan2(s2[y0:y1], c2[y0:y1])
+        dx = (np.cos(theta) * step).astype(np.float32)
+        dy = (np.sin(theta) * step).astype(np.float32)
+        ys = np.arange(y0 - a, y1 - a, dtype=np.float32)[:, None]
+        acc = np.zeros((y1 - y0, W), np.float32)
+        for k, wk in zip(range(-K, K + 1), wts, strict=True):
+            mx = xs + k * dx
+            my = ys + k * dy
+            acc += wk * cv2.remap(src, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+        out[y0:y1] = 0.5 + 0.5 * np.tanh(0.9 * acc)
+    return out
 
 
 def _stain(p, geo: _Geo, extra) -> dict:
@@ -619,29 +635,35 @@ def _stain(p, geo: _Geo, extra) -> dict:
     fmask = fibers > 0
     # orientation of connective tissue: parallel to the nearest fiber border
     dfib = cv2.distanceTransform((~fmask).astype(np.uint8), cv2.DIST_L2, 3)
-    # doubled-angle smoothing so opposite gradients do not cancel; wavy random perturbation
-    gy, gx = np.gradient(dfib)
-    c2 = cv2.GaussianBlur(gx * gx - gy * gy, (0, 0), 6.0 * um)
-    s2 = cv2.GaussianBlur(2 * gx * gy, (0, 0), 6.0 * um)
-    theta = (0.5 * np.arctan2(s2, c2) + np.pi / 2
-             + 0.45 * G.smooth_noise(rng, (H, W), 12 * um)).astype(np.float32)
-    del gy, gx, c2, s2
+    # fibril angle = border tangent, smoothed as a doubled angle (opposite gradients do not
+    # cancel) on a 4x coarser grid, plus a wavy random perturbation
+    q = 4
+    hq, wq = -(-H // q), -(-W // q)
+    dq = cv2.resize(dfib, (wq, hq), interpolation=cv2.INTER_AREA)
+    gy, gx = np.gradient(dq)
+    c2 = cv2.GaussianBlur(gx * gx - gy * gy, (0, 0), 6.0 * um / q)
+    s2 = cv2.GaussianBlur(2 * gx * gy, (0, 0), 6.0 * um / q)
+    ang = 0.5 * np.arctan2(s2, c2) + np.pi / 2 + 0.45 * G.smooth_noise(rng, (hq, wq), 12 * um / q)
+    c2 = cv2.resize(np.cos(2 * ang).astype(np.float32), (W, H), interpolation=cv2.INTER_LINEAR)
+    s2 = cv2.resize(np.sin(2 * ang).astype(np.float32), (W, H), interpolation=cv2.INTER_LINEAR)
+    del gy, gx, dq, ang
     # fiber baseline: faint stippled counterstain, slow mottling, per-fiber tint
     ftint = np.r_[0, rng.uniform(0.75, 1.25, nfib)].astype(np.float32)
     grain = G.fine_noise(rng, (H, W), 0.5 * um)
     mottle = G.smooth_noise(rng, (H, W), 4 * um)
     ftex = 1 + 0.10 * grain + 0.08 * mottle
-    base_f = (0.05 if not is_he else 0.025) * ftint[fibers]
+    base_f = (0.045 if not is_he else 0.025) * ftint[fibers]
     hema[fmask] = (base_f * ftex)[fmask]
+    del base_f
     # connective tissue: fibrillar collagen, loose perimysium with empty spaces
-    coll = _fibrillar(rng, theta, um)
-    del theta
+    coll = _fibrillar(rng, c2, s2, um)
+    del c2, s2
     endo = comp == 2
     peri = (comp == 3) | (comp == 5)
     loose = G.smooth_noise(rng, (H, W), 6 * um)
-    retraction = np.clip((loose - 0.9) / 0.4, 0, 1).astype(np.float32)
+    retraction = np.clip((loose - 0.5) / 0.5, 0, 1).astype(np.float32)
     hema[endo] = (0.10 * (0.55 + 0.7 * coll))[endo]
-    hema[peri] = (0.08 * (0.25 + 1.1 * coll) * (1 - 0.8 * retraction))[peri]
+    hema[peri] = (0.08 * (0.15 + 1.1 * coll) * (1 - 0.85 * retraction))[peri]
     if is_he:
         tint_e = np.r_[0, rng.uniform(0.85, 1.15, nfib)].astype(np.float32)
         eos[fmask] = (0.30 * tint_e[fibers] * (1 + 0.05 * grain + 0.05 * mottle))[fmask]
@@ -652,14 +674,15 @@ def _stain(p, geo: _Geo, extra) -> dict:
         bgf = np.clip(1 + 0.5 * G.smooth_noise(rng, (H, W), 80 * um), 0.2, 2.0)
         bg = p["background_dab"] * bgf
         conn = tissue & ~fmask
-        dab[fmask] = (0.8 * bg * ftex)[fmask]
+        dab[fmask] = (bg * ftex)[fmask]
         dab[conn] = (1.25 * bg * (0.4 + 0.9 * coll) * (1 - 0.6 * retraction))[conn]
         # a few faint blotches in connective tissue, clearly below 1+
         blot = G.smooth_noise(rng, (H, W), 12 * um)
         bl = np.clip(blot - 1.8, 0, None) * 0.12
         np.minimum(bl, 0.12, out=bl)
         dab[conn] += bl[conn]
-    del grain, coll, loose, retraction, mottle, ftex
+        del bgf, bg, blot, bl, conn
+    del endo, peri, grain, coll, loose, retraction, mottle, ftex
 
     # ---- vessels
     vtab = []
@@ -737,7 +760,7 @@ def _stain(p, geo: _Geo, extra) -> dict:
         lum = rho <= 0.45
         t = tissue[sl] & (fibers[sl] == 0)
         hema[sl][ring & t] = 0.17
-        hema[sl][lum & t] = 0.05
+        hema[sl][lum & t] = 0.08
         if is_he:
             eos[sl][ring & t] = 0.35
             eos[sl][lum & t] = 0.55  # a red cell in the lumen
@@ -801,10 +824,10 @@ def _stain(p, geo: _Geo, extra) -> dict:
         lvl = np.zeros(nfib + 1, np.float32)
         lvl[fiber_pos] = (0.12 + 0.6 * e) * rngf.uniform(0.55, 1.35, int(fiber_pos.sum()))
         lvl *= p["dab_strength"]
-        patch = G.smooth_noise(rngf, (H, W), 10 * um)
+        patch = G.smooth_noise(rngf, (H, W), 12 * um)
         gran = G.fine_noise(rngf, (H, W), 0.9 * um)
-        patchw = np.clip((patch + 0.3) / 0.8, 0, 1)  # ~60 % of a positive fiber
-        val = lvl[fibers] * patchw * np.clip(0.65 + 0.45 * gran, 0.1, 1.8)
+        patchw = np.clip((patch + 0.3) / 1.0, 0, 1)  # ~60 % of a positive fiber
+        val = lvl[fibers] * patchw * np.clip(0.7 + 0.35 * gran, 0.1, 1.8)
         np.maximum(dab, np.where(fmask, val, 0), out=dab)
         inter = tissue & ~fmask & (comp != 4)
         dab[inter] += (0.06 * e * p["dab_strength"])
@@ -825,8 +848,8 @@ def _stain(p, geo: _Geo, extra) -> dict:
         for k in sel:
             y, x = divmod(int(k), W)
             th = math.atan2(gy[y, x], gx[y, x]) + np.pi / 2
-            a = rngn.uniform(3.0, 4.8) * um
-            b = rngn.uniform(1.2, 1.7) * um
+            a = rngn.uniform(2.6, 4.2) * um
+            b = rngn.uniform(1.3, 1.9) * um
             nuclei.append(_Nuc(x + rngn.uniform(-.5, .5), y + rngn.uniform(-.5, .5), a, b, th,
                            rngn.uniform(0.4, 0.7), 0.0, "myonucleus", 2 * math.sqrt(a * b) * mpp,
                            False))
@@ -868,8 +891,8 @@ def _stain(p, geo: _Geo, extra) -> dict:
         for k in picks:
             y, x = divmod(int(k), W)
             th = math.atan2(gy[y, x], gx[y, x]) + np.pi / 2
-            a = rngn.uniform(3.0, 5.0) * um
-            b = rngn.uniform(1.1, 1.8) * um
+            a = rngn.uniform(2.6, 4.6) * um
+            b = rngn.uniform(1.2, 2.0) * um
             nuclei.append(_Nuc(x + .5, y + .5, a, b, th, rngn.uniform(0.45, 0.8), 0.0,
                            "interstitial_nucleus", 2 * math.sqrt(a * b) * mpp, False))
         del gy, gx
@@ -1115,7 +1138,7 @@ def _render(p, hema, second, model: StainModel) -> np.ndarray:
     diag = math.hypot(H, W)
     sigma = p["blur_um"] * um
     halo = int(math.ceil(4 * sigma)) + 2 if sigma > 0.3 else 0
-    CH = 1024
+    CH = int(np.clip((1 << 21) // W, 64, 1024))  # ~2 Mpx per chunk
     out = np.empty((H, W, 3), np.uint8)
     xs = np.arange(W, dtype=np.float32)
     ln10 = np.float32(math.log(10.0))
