@@ -181,9 +181,8 @@ def prepare_stain_model(rgb: np.ndarray, settings: Settings, *, stain_model: Sta
         model = StainModel(base.names, np.asarray(sp.vectors, float),
                            background or base.background, "user")
     elif sp.estimate and hasattr(stains, "estimate_stains"):
-        model = stains.estimate_stains(rgb, base=sp.preset, tissue_mask=tissue)
-        if background is not None:
-            model = model.with_background(background)
+        model = stains.estimate_stains(rgb, base=sp.preset, tissue_mask=tissue,
+                                       background=background)
     else:
         model = base if background is None else base.with_background(background)
     return model
