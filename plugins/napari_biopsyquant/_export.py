@@ -20,18 +20,43 @@ if TYPE_CHECKING:
     from ._session import ReviewSession
 
 
+#: columns of the slide row that record the review (after the batch's summary columns)
+REVIEW_COLUMNS = ["cells_positive_auto", "cells_deleted_manual", "cells_added_manual",
+                  "manual_review", "settings_digest"]
+
+
+def _name_fields(name: str) -> dict:
+    """patient / timepoint parsed from the slide name as the batch's default pattern does."""
+    from biopsyquant._batch_inputs import DEFAULT_PATTERN, compile_pattern
+
+    m = compile_pattern(DEFAULT_PATTERN).match(name)
+    fields = {k: v for k, v in (m.groupdict() if m else {}).items() if k != "marker"}
+    return {"patient": fields.get("patient", ""), "timepoint": fields.get("timepoint", "")}
+
+
 def session_tables(session: ReviewSession) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(slides, cells, fibers) tables of a reviewed session, batch column order first."""
-    res = session.result
+    """(slides, cells, fibers) tables of a reviewed session, in the batch CLI's column order.
+
+    ``slides`` has the batch's leading columns (``SLIDE_LEAD_COLUMNS``), the marker's summary
+    columns (corrected when cells were edited), the review columns (``REVIEW_COLUMNS``) and
+    ``warnings`` last; ``cells`` and ``fibers`` start with ``slide, marker`` as in the batch,
+    and cells carry ``source`` (auto/manual) and ``deleted``.
+    """
+    from biopsyquant.batch import SLIDE_LEAD_COLUMNS, _integer_columns
+
+    res = session._require_result()
     summary = session.summary()
-    parts = session.name.split("_")
-    patient, timepoint = (parts[0], parts[1]) if len(parts) == 3 else ("", "")
-    row = {"slide": session.name, "path": session.path or "", "patient": patient,
-           "timepoint": timepoint, "marker": res.marker, "status": "ok", "error": ""}
+    path = str(Path(session.path).absolute()) if session.path else ""
+    row = {"slide": session.name, "path": path, **_name_fields(session.name),
+           "marker": res.marker, "status": "ok", "error": ""}
     row.update({k: v for k, v in summary.items() if k not in ("slide", "marker")})
-    row.update({"warnings": " | ".join(res.warnings), "manual_review": True,
-                "settings_digest": res.settings.digest()})
+    row.update({"manual_review": True, "settings_digest": res.settings.digest(),
+                "warnings": " | ".join(res.warnings)})
     slides = pd.DataFrame([row])
+    lead = [c for c in SLIDE_LEAD_COLUMNS if c in slides.columns]
+    tail = [c for c in REVIEW_COLUMNS if c in slides.columns] + ["warnings"]
+    rest = [c for c in slides.columns if c not in lead and c not in tail]
+    slides = _integer_columns(slides[lead + rest + tail])
     cells = session.cells_table()
     fibers = res.fibers.copy()
     for df in (cells, fibers):
@@ -42,8 +67,7 @@ def session_tables(session: ReviewSession) -> tuple[pd.DataFrame, pd.DataFrame, 
 
 def export_session(session: ReviewSession, out_dir: Path) -> dict[str, Path]:
     """Write the tables, the exclusions GeoJSON and provenance into ``out_dir`` (atomic)."""
-    if session.result is None:
-        raise RuntimeError("score the slide before exporting")
+    session._require_result()
     out_dir.mkdir(parents=True, exist_ok=True)
     slides, cells, fibers = session_tables(session)
     written = {
