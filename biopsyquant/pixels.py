@@ -312,23 +312,23 @@ def lumen_mask(rgb: np.ndarray, *, background, mpp: float, within: np.ndarray,
     keep = stats[:, cv2.CC_STAT_AREA] >= min_px
     keep[0] = False
     lumen = keep[lab]
-    if fill_um2 > 0 and lumen.any():
-        lumen = _fill_small_holes(lumen, fill_um2 / (mpp * mpp))
+    if fill_um2 > 0 and keep.any():
+        from scipy import ndimage as ndi
+
+        fill_px = fill_um2 / (mpp * mpp)
+        h, w = lumen.shape
+        for i in np.flatnonzero(keep):  # islands inside each lumen, in its bounding box
+            x0, y0 = stats[i, cv2.CC_STAT_LEFT], stats[i, cv2.CC_STAT_TOP]
+            sl = (slice(y0, y0 + stats[i, cv2.CC_STAT_HEIGHT]),
+                  slice(x0, x0 + stats[i, cv2.CC_STAT_WIDTH]))
+            obj = lab[sl] == i
+            holes = ndi.binary_fill_holes(obj) & ~obj
+            if holes.any():
+                hl, nh = ndi.label(holes)
+                small = np.bincount(hl.ravel(), minlength=nh + 1) <= fill_px
+                small[0] = False
+                lumen[sl] |= small[hl]
     return lumen
-
-
-def _fill_small_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
-    """``mask`` with enclosed holes of at most ``max_px`` pixels filled (never at the border)."""
-    shape = mask.shape
-    nb, blab, bstats, _ = cv2.connectedComponentsWithStats((~mask).view(np.uint8),
-                                                           connectivity=4)
-    x0, y0 = bstats[:, cv2.CC_STAT_LEFT], bstats[:, cv2.CC_STAT_TOP]
-    x1, y1 = x0 + bstats[:, cv2.CC_STAT_WIDTH], y0 + bstats[:, cv2.CC_STAT_HEIGHT]
-    border = (x0 == 0) | (y0 == 0) | (x1 == shape[1]) | (y1 == shape[0])
-    small = (bstats[:, cv2.CC_STAT_AREA] <= max_px) & ~border
-    if not small.any():
-        return mask
-    return mask | small[blab]
 
 
 def score_pixels(dab_od: np.ndarray, *, analysed: np.ndarray, compartments: np.ndarray | None,
@@ -494,7 +494,7 @@ def positive_vessels(dab_od: np.ndarray, *, region: np.ndarray, mpp: float,
             dab, pos, region, px_um2=px_um2, min_area_um2=min_area_um2,
             max_area_um2=max_area_um2, max_lumen_um2=max_lumen_um2,
             max_elongation=max_elongation, min_contrast_od=min_contrast_od, ring_k=ring_k,
-            nuc=nuc, max_nucleus_px=max_nucleus_um2 / px_um2)
+            nuc=nuc, max_nucleus_px=max_nucleus_um2 / px_um2, want_big=level_step_od > 0)
         if len(res):
             found.append(res)
         if level_step_od <= 0 or too_big is None:
@@ -512,60 +512,72 @@ def positive_vessels(dab_od: np.ndarray, *, region: np.ndarray, mpp: float,
 
 
 def _objects_at_level(dab, pos, region, *, px_um2, min_area_um2, max_area_um2, max_lumen_um2,
-                      max_elongation, min_contrast_od, ring_k, nuc=None, max_nucleus_px=np.inf):
-    """Valid capillary objects among the components of ``pos`` and the too-large blobs."""
+                      max_elongation, min_contrast_od, ring_k, nuc=None, max_nucleus_px=np.inf,
+                      want_big=True):
+    """Valid capillary objects among the components of ``pos`` and the too-large blobs.
+
+    One connected-component pass over the image; every small component is then measured in
+    its own bounding box (lumen filled, moments, contrast ring, nucleus), so the cost grows
+    with the number of candidates, not with the image.
+    """
+    from scipy import ndimage as ndi
+
     cols = ["x_px", "y_px", "area_px", "stained_px", "dab_od_sum", "elongation"]
-    # fill small enclosed holes (capillary lumina), never holes touching the image border
-    filled = _fill_small_holes(pos, max_lumen_um2 / px_um2)
-    n, lab, stats, cents = cv2.connectedComponentsWithStats(filled.view(np.uint8),
-                                                            connectivity=8)
+    h, w = pos.shape
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(pos.view(np.uint8), connectivity=8)
     area = stats[:, cv2.CC_STAT_AREA].astype(np.int64)
-    big = area * px_um2 > max_area_um2
+    bx, by = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
+    bw, bh = stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]
+    max_px = max_area_um2 / px_um2
+    min_px = min_area_um2 / px_um2
+    big = area > max_px
     big[0] = False
-    too_big = big[lab] if big.any() else None
-    cand = (area * px_um2 >= min_area_um2) & ~big
+    cand = ~big & (bw * bh >= min_px)
     cand[0] = False
-    if not cand.any():
-        return pd.DataFrame(columns=cols), too_big
-    # second moments of the candidates (bincount over their pixels only)
-    yy, xx = np.nonzero(cand[lab])
-    ll = lab[yy, xx]
-    w = np.bincount(ll, minlength=n).astype(float)
-    mx = np.bincount(ll, xx, minlength=n)
-    my = np.bincount(ll, yy, minlength=n)
-    sxx = np.bincount(ll, xx.astype(float) ** 2, minlength=n)
-    syy = np.bincount(ll, yy.astype(float) ** 2, minlength=n)
-    sxy = np.bincount(ll, xx.astype(float) * yy, minlength=n)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cx, cy = mx / w, my / w
-        vxx = sxx / w - cx ** 2 + 1 / 12
-        vyy = syy / w - cy ** 2 + 1 / 12
-        vxy = sxy / w - cx * cy
+    pad = ring_k.shape[0] // 2
+    rows = []
+    grown_big = []
+    for i in np.flatnonzero(cand):
+        x0, y0 = max(int(bx[i]) - pad, 0), max(int(by[i]) - pad, 0)
+        x1, y1 = min(int(bx[i] + bw[i]) + pad, w), min(int(by[i] + bh[i]) + pad, h)
+        sl = (slice(y0, y1), slice(x0, x1))
+        obj = lab[sl] == i
+        filled = ndi.binary_fill_holes(obj)
+        holes = filled & ~obj
+        if holes.any() and holes.sum() * px_um2 > max_lumen_um2:
+            filled = obj
+        fa = int(filled.sum())
+        if fa > max_px:
+            grown_big.append(i)
+            continue
+        if fa < min_px:
+            continue
+        mom = cv2.moments(filled.view(np.uint8), binaryImage=True)
+        m00 = mom["m00"]
+        vxx, vyy = mom["mu20"] / m00 + 1 / 12, mom["mu02"] / m00 + 1 / 12
+        vxy = mom["mu11"] / m00
         tr, det = vxx + vyy, vxx * vyy - vxy ** 2
-        disc = np.sqrt(np.maximum(tr ** 2 / 4 - det, 0))
-        l1, l2 = tr / 2 + disc, np.maximum(tr / 2 - disc, 1e-12)
-        elong = np.sqrt(l1 / l2)
-    keep = cand & (elong <= max_elongation)
-    if nuc is not None and keep.any():
-        nucleus_px = np.bincount(lab[nuc & (lab > 0)], minlength=n)
-        keep &= nucleus_px <= max_nucleus_px
-    lab_pos = lab[pos]
-    stained = np.bincount(lab_pos, minlength=n)
-    odsum = np.bincount(lab_pos, dab[pos], minlength=n)
-    if min_contrast_od > 0 and keep.any():
-        # mean DAB of a ring of ~2 µm of non-fiber tissue around each candidate
-        cl = np.where(keep[lab], lab, 0).astype(np.float32)
-        grown = cv2.dilate(cl, ring_k).astype(np.int64)
-        ring = (grown > 0) & (lab == 0) & region
-        rn = np.bincount(grown[ring], minlength=n)
-        rs = np.bincount(grown[ring], dab[ring], minlength=n)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            contrast = odsum / np.maximum(stained, 1) - np.where(rn > 0, rs / rn, 0.0)
-        keep &= contrast >= min_contrast_od
-    ids = np.flatnonzero(keep)
-    return pd.DataFrame({"x_px": cents[ids, 0], "y_px": cents[ids, 1], "area_px": area[ids],
-                         "stained_px": stained[ids], "dab_od_sum": odsum[ids],
-                         "elongation": elong[ids]}), too_big
+        disc = math.sqrt(max(tr * tr / 4 - det, 0.0))
+        elong = math.sqrt((tr / 2 + disc) / max(tr / 2 - disc, 1e-12))
+        if elong > max_elongation:
+            continue
+        if nuc is not None and np.count_nonzero(nuc[sl] & filled) > max_nucleus_px:
+            continue
+        d = dab[sl]
+        stained = int(np.count_nonzero(obj))
+        odsum = float(d[obj].sum(dtype=np.float64))
+        if min_contrast_od > 0:
+            ring = (cv2.dilate(filled.view(np.uint8), ring_k).view(bool) & ~filled
+                    & ~pos[sl] & region[sl])
+            rmean = float(d[ring].mean()) if ring.any() else 0.0
+            if odsum / max(stained, 1) - rmean < min_contrast_od:
+                continue
+        rows.append((x0 + mom["m10"] / m00, y0 + mom["m01"] / m00, fa, stained, odsum, elong))
+    too_big = None
+    if want_big and (big.any() or grown_big):
+        big[np.asarray(grown_big, np.int64)] = True
+        too_big = big[lab]
+    return pd.DataFrame(rows, columns=cols), too_big
 
 
 # ------------------------------------------------------------------------------- contract
