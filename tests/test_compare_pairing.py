@@ -310,6 +310,8 @@ def test_patient_not_in_design_and_non_numeric_metric_value():
     p = res.paired.set_index("patient")
     assert p.loc["C", "group"] == "" and np.isnan(p.loc["C", "value_month6"])
     assert "missing in all 1 month6 section" in p.loc["C", "note"]
+    mm = res.problems[res.problems["kind"] == "metric_missing"]
+    assert mm["patient"].tolist() == ["C"] and mm["metric"].item() == "cells_per_mm2"
 
 
 def test_parse_presence_thresholds():

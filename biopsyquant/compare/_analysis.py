@@ -59,6 +59,7 @@ def build_paired(prep: Prepared, settings, problems: Problems) -> pd.DataFrame:
         gone_of.setdefault((e.patient, e.timepoint, e.marker), []).append((e.slide, e.kind))
     rows = []
     reported_unpaired: set = set()
+    all_missing: dict[tuple[str, str, str], list[str]] = {}
     for marker in prep.markers:
         mb = prep.biopsies[prep.biopsies["marker"] == marker]
         pats = list(dict.fromkeys(mb["patient"]))
@@ -83,6 +84,7 @@ def build_paired(prep: Prepared, settings, problems: Problems) -> pd.DataFrame:
                             notes.append(f"{tp}: {len(gone)} section(s) excluded ({why})")
                         if b.n_sections == 0:
                             notes.append(f"{metric} missing in all {b.n_rows} {tp} section(s)")
+                            all_missing.setdefault((pid, tp, marker), []).append(metric)
                         elif b.n_sections < b.n_rows:
                             notes.append(f"{metric} missing in {b.n_rows - b.n_sections} "
                                          f"of {b.n_rows} {tp} sections")
@@ -128,6 +130,10 @@ def build_paired(prep: Prepared, settings, problems: Problems) -> pd.DataFrame:
                 rec["log2fc_pseudocount"] = pc
                 rec["note"] = _join(*dict.fromkeys(notes))
                 rows.append(rec)
+    for (pid, tp, marker), mets in all_missing.items():
+        problems.add("metric_missing", f"patient {pid}, {marker}, {tp}: no section has a value "
+                     f"for {', '.join(mets)} (e.g. unknown pixel size for densities); NA",
+                     patient=pid, timepoint=tp, marker=marker, metric=",".join(mets))
     cols = ["patient", "group", "marker", "metric"]
     for tp in tps:
         cols += [f"value_{tp}", f"n_sections_{tp}"]
