@@ -275,29 +275,42 @@ def refine_large(labels: np.ndarray, det: np.ndarray, *, max_area_px: float, lev
     unless ``keep_low`` > 0: then the paler remainder, opened with a disk of radius
     ``keep_low - 1`` px (which removes the thin rims of the bright parts), is split into
     objects too (weaker cells touching strong ones in a cluster). Works on the blobs'
-    bounding boxes only.
+    bounding boxes only and modifies ``labels`` in place (the result may have unused labels).
     """
     from skimage.filters import threshold_otsu
 
     if levels <= 0:
         return labels
-    n = int(labels.max())
-    if n == 0:
+    flat = labels.ravel()
+    idx = np.flatnonzero(flat)
+    if len(idx) == 0:
         return labels
-    areas = np.bincount(labels.ravel(), minlength=n + 1)
+    lab = flat[idx]
+    n = int(lab.max())
+    areas = np.bincount(lab, minlength=n + 1)
     big = np.flatnonzero(areas > max_area_px)
     big = big[big > 0]
     if len(big) == 0:
         return labels
-    labels = labels.copy()
+    # bounding boxes of the big objects from their own pixels only
+    isbig = np.zeros(n + 1, bool)
+    isbig[big] = True
+    sel = isbig[lab]
+    bl = lab[sel]
+    by, bx = np.divmod(idx[sel], labels.shape[1])
+    ymin = np.full(n + 1, labels.shape[0], np.int64)
+    xmin = np.full(n + 1, labels.shape[1], np.int64)
+    ymax = np.zeros(n + 1, np.int64)
+    xmax = np.zeros(n + 1, np.int64)
+    np.minimum.at(ymin, bl, by)
+    np.minimum.at(xmin, bl, bx)
+    np.maximum.at(ymax, bl, by)
+    np.maximum.at(xmax, bl, bx)
+    slices = {int(k): (slice(int(ymin[k]), int(ymax[k]) + 1), slice(int(xmin[k]), int(xmax[k]) + 1))
+              for k in big}
     next_label = n + 1
-    from scipy import ndimage as ndi
-
-    slices = ndi.find_objects(labels)
     for k in big:
-        sl = slices[k - 1]
-        if sl is None:
-            continue
+        sl = slices[int(k)]
         sub = labels[sl]
         inside = sub == k
         vals = det[sl][inside]
@@ -328,13 +341,7 @@ def refine_large(labels: np.ndarray, det: np.ndarray, *, max_area_px: float, lev
             r = rest > 0
             sub[r] = rest[r] + (next_label - 1)
             next_label += int(rest.max())
-    # compact the labels (some disappeared)
-    used = np.zeros(next_label, bool)
-    used[labels.ravel()] = True
-    used[0] = False
-    remap = np.zeros(next_label, np.int32)
-    remap[used] = np.arange(1, int(used.sum()) + 1, dtype=np.int32)
-    return remap[labels]
+    return labels  # labels may have gaps; the caller relabels after its area filter
 
 
 def trim_to_half_max(labels: np.ndarray, det: np.ndarray, fraction: float,

@@ -138,8 +138,8 @@ class CellParams:
         Upper limit of that edge level (detection-image OD; 0 = none), so that a weaker cell
         merged with a strong one keeps its pixels.
     min_nucleus_od : float
-        A positive cell must contain a nucleus: its maximum hematoxylin OD (smoothed over
-        1 µm) must reach this (rejects nucleus-free DAB blotches, fibrillar non-specific
+        A positive cell must contain a nucleus: its maximum hematoxylin OD (smoothed with
+        σ = ``cell_min_diameter_um`` / 4) must reach this (rejects nucleus-free DAB blotches, fibrillar non-specific
         staining; QuPath's detection is nucleus-based too); 0 = off.
     min_dab_contrast_od : float
         A positive cell's mean DAB above its local background (the grey opening of
@@ -301,8 +301,8 @@ def _split_intensity(params: CellParams, det: np.ndarray, hema: np.ndarray, um: 
 
 def _segment(channel: np.ndarray, mask: np.ndarray | None, threshold: float, *,
              params: CellParams, um: float, px_area_um2: float, hema: np.ndarray,
-             split_kwargs: dict, origin: tuple[int, int], trim: bool = True
-             ) -> tuple[np.ndarray, np.ndarray]:
+             split_kwargs: dict, origin: tuple[int, int], hema_weight: np.ndarray | None,
+             trim: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Smooth, background-subtract, threshold and split one detection channel -> labels."""
     det = np.maximum(channel, 0)
     det = _d.gaussian(det, params.smoothing_sigma_um * um)
@@ -310,7 +310,11 @@ def _segment(channel: np.ndarray, mask: np.ndarray | None, threshold: float, *,
     fg = _d.foreground(det, threshold, mask)
     if params.fill_holes_um2 > 0:
         fg = _d.fill_holes(fg, params.fill_holes_um2 / px_area_um2)
-    kw = dict(split_kwargs, intensity=_split_intensity(params, det, hema, um))
+    if params.split_by == "shape+hematoxylin":
+        weight = hema_weight  # shared by both passes
+    else:
+        weight = _split_intensity(params, det, hema, um)
+    kw = dict(split_kwargs, intensity=weight)
     labels = _d.split_objects(fg, **kw)
     del fg
     keep_low = int(round(params.refine_keep_low_um * um)) + 1 if params.refine_keep_low_um \
@@ -361,7 +365,8 @@ def detect_cells(
         One row per cell, columns :data:`CELL_COLUMNS`: ``cell_id`` (= its label), centroid
         ``x_px``/``y_px`` (column/row, image pixels), ``area_px``/``area_um2`` of the detected
         object, ``diameter_um`` (equivalent circle), ``dab_mean_od`` (mean DAB of the graded
-        compartment), ``dab_max_od`` (object maximum of the smoothed DAB),
+        compartment), ``dab_max_od`` (object maximum of the DAB), ``hema_max_od`` (object maximum of the
+        smoothed hematoxylin),
         ``dab_positive_fraction``, ``hema_mean_od`` (object), ``nucleus_dab_mean_od`` and
         ``cell_dab_mean_od``, ``grade`` (0–3) and ``positive``.
     labels : ndarray of int32, (H, W)
@@ -389,8 +394,12 @@ def detect_cells(
                         max_diameter_px=params.cell_max_diameter_um * um,
                         sigma_px=params.split_sigma_um * um,
                         merge_ratio=params.split_merge_ratio, split=params.split_touching)
+    hema_s = _d.gaussian(np.maximum(hema, 0), 0.25 * params.cell_min_diameter_um * um)
+    hema_weight = None
+    if params.split_by == "shape+hematoxylin":
+        hema_weight = hema_s + np.float32(params.split_hematoxylin_floor_od)
     seg = dict(params=params, um=um, px_area_um2=px_area_um2, hema=hema,
-               split_kwargs=split_kwargs, origin=origin)
+               split_kwargs=split_kwargs, origin=origin, hema_weight=hema_weight)
     channel = params.detection_channel
     if channel == "dab+hematoxylin":
         # pass 1: DAB-stained cell bodies (markers weighted by hematoxylin: one per nucleus)
@@ -421,7 +430,6 @@ def detect_cells(
     if n == 0:
         return _empty_table(), np.zeros(hema.shape, np.int32)
 
-    dab_s = _d.gaussian(dab, 0.5 * um) if um > 2 else dab
     t1 = np.float32(params.dab_threshold_1_od)
     idx = np.flatnonzero(labels.ravel())
     values = {"dab": dab, "hema": hema, "dabpos": (dab >= t1).view(np.uint8)}
@@ -430,9 +438,9 @@ def detect_cells(
     st = _d.object_stats(labels, n, values, idx)
     lab_o = labels.ravel()[idx]
     dmax = np.zeros(n + 1, np.float32)
-    np.maximum.at(dmax, lab_o, dab_s.ravel()[idx])
+    np.maximum.at(dmax, lab_o, dab.ravel()[idx])
     hmax = np.zeros(n + 1, np.float32)
-    np.maximum.at(hmax, lab_o, _d.gaussian(hema, 1.0 * um).ravel()[idx])
+    np.maximum.at(hmax, lab_o, hema_s.ravel()[idx])
 
     # area filter on the detected objects
     area_px = st["count"]
