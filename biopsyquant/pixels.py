@@ -313,22 +313,28 @@ def lumen_mask(rgb: np.ndarray, *, background, mpp: float, within: np.ndarray,
     keep[0] = False
     lumen = keep[lab]
     if fill_um2 > 0 and keep.any():
-        from scipy import ndimage as ndi
-
         fill_px = fill_um2 / (mpp * mpp)
-        h, w = lumen.shape
         for i in np.flatnonzero(keep):  # islands inside each lumen, in its bounding box
             x0, y0 = stats[i, cv2.CC_STAT_LEFT], stats[i, cv2.CC_STAT_TOP]
             sl = (slice(y0, y0 + stats[i, cv2.CC_STAT_HEIGHT]),
                   slice(x0, x0 + stats[i, cv2.CC_STAT_WIDTH]))
-            obj = lab[sl] == i
-            holes = ndi.binary_fill_holes(obj) & ~obj
+            holes = _holes(lab[sl] == i)
             if holes.any():
-                hl, nh = ndi.label(holes)
-                small = np.bincount(hl.ravel(), minlength=nh + 1) <= fill_px
+                nh, hl, hs, _ = cv2.connectedComponentsWithStats(holes.view(np.uint8),
+                                                                 connectivity=4)
+                small = hs[:, cv2.CC_STAT_AREA] <= fill_px
                 small[0] = False
                 lumen[sl] |= small[hl]
     return lumen
+
+
+def _holes(obj: np.ndarray) -> np.ndarray:
+    """Pixels enclosed by ``obj`` (bool crop): background not 4-connected to the crop border."""
+    h, w = obj.shape
+    canvas = np.zeros((h + 2, w + 2), np.uint8)
+    canvas[1:-1, 1:-1] = obj
+    cv2.floodFill(canvas, np.zeros((h + 4, w + 4), np.uint8), (0, 0), 1, flags=4)
+    return canvas[1:-1, 1:-1] == 0
 
 
 def score_pixels(dab_od: np.ndarray, *, analysed: np.ndarray, compartments: np.ndarray | None,
@@ -520,8 +526,6 @@ def _objects_at_level(dab, pos, region, *, px_um2, min_area_um2, max_area_um2, m
     its own bounding box (lumen filled, moments, contrast ring, nucleus), so the cost grows
     with the number of candidates, not with the image.
     """
-    from scipy import ndimage as ndi
-
     cols = ["x_px", "y_px", "area_px", "stained_px", "dab_od_sum", "elongation"]
     h, w = pos.shape
     n, lab, stats, _ = cv2.connectedComponentsWithStats(pos.view(np.uint8), connectivity=8)
@@ -542,10 +546,8 @@ def _objects_at_level(dab, pos, region, *, px_um2, min_area_um2, max_area_um2, m
         x1, y1 = min(int(bx[i] + bw[i]) + pad, w), min(int(by[i] + bh[i]) + pad, h)
         sl = (slice(y0, y1), slice(x0, x1))
         obj = lab[sl] == i
-        filled = ndi.binary_fill_holes(obj)
-        holes = filled & ~obj
-        if holes.any() and holes.sum() * px_um2 > max_lumen_um2:
-            filled = obj
+        holes = _holes(obj)
+        filled = obj | holes if np.count_nonzero(holes) * px_um2 <= max_lumen_um2 else obj
         fa = int(filled.sum())
         if fa > max_px:
             grown_big.append(i)
