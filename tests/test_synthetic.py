@@ -247,3 +247,20 @@ def test_shipped_sample_images_match_generator(repo_root):
     assert len(names) == 20 and "P02_month6_IL-1Ra.tif" in names
     total = sum(p.stat().st_size for p in folder.iterdir())
     assert total < 8e6
+
+
+def test_write_sample_images_deterministic(tmp_path):
+    from biopsyquant.synthetic import write_sample_images
+
+    a = write_sample_images(tmp_path / "a", shape=(256, 256), markers=("CD163", "IL-1Ra"))
+    b = write_sample_images(tmp_path / "b", shape=(256, 256), markers=("CD163", "IL-1Ra"))
+    assert [p.name for p in a] == [p.name for p in b]
+    assert {p.name for p in a} == {f"{pt}_{tp}_{m}.tif" for pt in ("P01", "P02")
+                                   for tp in ("baseline", "month6") for m in ("CD163", "IL-1Ra")}
+    for pa, pb in zip(a, b, strict=True):
+        assert pa.read_bytes() == pb.read_bytes()
+    assert (tmp_path / "a" / "README.md").read_text().startswith("# Sample images (synthetic)")
+    # the design has a known direction: P01's IL-1Ra rises from baseline to month 6
+    t0 = json.loads((tmp_path / "a" / "P01_baseline_IL-1Ra.truth.json").read_text())
+    t1 = json.loads((tmp_path / "a" / "P01_month6_IL-1Ra.truth.json").read_text())
+    assert t1["summary"]["positive_area_pct"] > t0["summary"]["positive_area_pct"]

@@ -704,7 +704,10 @@ def _stain(p, geo: _Geo, extra) -> dict:
         endol = (rho > inner) & (rho <= inner + 0.25 * v["wall"] + 1.2 * um / v["a"])
         vt = tissue[sl]
         h = hema[sl]
-        h[wall & vt] = 0.16 + 0.05 * rngv.random()
+        # concentric lamellae of the media (smooth muscle / elastic layers)
+        lam = 0.8 + 0.25 * np.sin(2 * np.pi * (rho - inner) / max(v["wall"], 1e-3)
+                                  * rngv.uniform(2.5, 4.0) + rngv.uniform(0, 6.3))
+        h[wall & vt] = ((0.14 + 0.05 * rngv.random()) * lam)[wall & vt]
         h[lumen & vt] = 0.0
         if is_he:
             e = eos[sl]
@@ -729,7 +732,7 @@ def _stain(p, geo: _Geo, extra) -> dict:
             y = v["y"] + rr * v["b"] * math.sin(aa)
             nuclei.append(_Nuc(x, y, 3.5 * um, 3.5 * um, 0.0, 0.02, 0.0, "rbc", 7.0, False))
         # wall nuclei: circumferential elongated
-        nwn = int(max(2, 2 * np.pi * v["a"] * mpp / 25))
+        nwn = int(max(3, 2 * np.pi * v["a"] * mpp / 14))
         for _ in range(nwn):
             aa = rngv.uniform(0, 2 * np.pi)
             rr = rngv.uniform(inner + 0.15 * v["wall"], 1 - 0.15 * v["wall"])
