@@ -89,4 +89,4 @@ def test_generated_slides_scored_and_compared(tmp_path):
     assert "P5_baseline_CD163" in set(problems.loc[problems["kind"] == "failed_slide", "slide"])
     html = (out / "report.html").read_text(encoding="utf-8")
     # QC overlays of the scored slides are embedded
-    assert html.count("<div class='ovl'><img src='data:image/png;base64,") == 17
+    assert html.count("<div class='ovl'><img tabindex='0' src='data:image/png;base64,") == 17

@@ -39,7 +39,8 @@ tr:nth-child(even){background:#fafafa}
 .na{color:#a33}.fig{display:inline-block;margin:.3em;vertical-align:top}
 .fig img{max-width:100%;border:1px solid #eee}
 .ovl{display:inline-block;margin:.3em;text-align:center;font-size:11px;vertical-align:top}
-.ovl img{max-width:260px;max-height:260px;border:1px solid #ccc;display:block}
+.ovl img{max-width:340px;max-height:340px;border:1px solid #ccc;display:block;cursor:zoom-in}
+.ovl img:focus{max-width:95vw;max-height:none;cursor:zoom-out;outline:2px solid #0072B2}
 details{margin:.5em 0}summary{cursor:pointer;font-weight:600}
 code,pre{background:#f6f8fa;font-size:12px}pre{padding:.6em;overflow:auto}
 .note{color:#555;font-size:13px}
@@ -206,7 +207,8 @@ def _overlay_section(result: ComparisonResult, out: Path, mode: str) -> str:
                 "column and there is no <code>overlays/</code> folder next to it.</p>")
     total = sum(p.stat().st_size for p in result.overlays.values())
     embed = mode == "embed" or (mode == "auto" and total <= EMBED_LIMIT_BYTES)
-    parts = [f"<p class='note'>{len(result.overlays)} overlay image(s), "
+    parts = [f"<p class='note'>Click an embedded overlay to enlarge it. "
+             f"{len(result.overlays)} overlay image(s), "
              f"{total / 1e6:.1f} MB, " + ("embedded." if embed else
                                           "linked relative to this report (keep the folders "
                                           "together when moving it).") + "</p>"]
@@ -223,7 +225,8 @@ def _overlay_section(result: ComparisonResult, out: Path, mode: str) -> str:
                     if p is None:
                         cells.append(f"<div class='ovl'><em>no overlay</em><br>{cap}</div>")
                     elif embed:
-                        cells.append(f"<div class='ovl'>{_img_tag(p, cap)}{cap}</div>")
+                        img = _img_tag(p, cap).replace("<img ", "<img tabindex='0' ", 1)
+                        cells.append(f"<div class='ovl'>{img}{cap}</div>")
                     else:
                         rel = os.path.relpath(p.resolve(), out.resolve())
                         cells.append(f"<div class='ovl'><a href='{html.escape(rel)}'>"
@@ -271,7 +274,13 @@ def write_report(result: ComparisonResult, out_dir: str | Path, *, figures: bool
     out.mkdir(parents=True, exist_ok=True)
     write_tables(result, out)
     fmts = tuple(dict.fromkeys(("png", *figure_formats)))
-    figs = _figures(result, out / "figures", fmts,
+    fig_dir = out / "figures"
+    if fig_dir.is_dir():  # figures of an earlier run into the same folder would mislead
+        for old in fig_dir.iterdir():
+            if old.is_file() and old.name.startswith(("slope_", "change_", "corr_")) and \
+                    old.suffix in (".png", ".svg"):
+                old.unlink()
+    figs = _figures(result, fig_dir, fmts,
                     set(figure_metrics) if figure_metrics else None,
                     progress=progress) if figures else []
 
