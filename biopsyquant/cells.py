@@ -138,8 +138,8 @@ class CellParams:
         Upper limit of that edge level (detection-image OD; 0 = none), so that a weaker cell
         merged with a strong one keeps its pixels.
     min_nucleus_od : float
-        A positive cell must contain a nucleus: its maximum hematoxylin OD (smoothed with
-        σ = ``cell_min_diameter_um`` / 4) must reach this (rejects nucleus-free DAB blotches, fibrillar non-specific
+        A positive cell must contain a nucleus: its maximum hematoxylin OD (smoothed over
+        1 µm) must reach this (rejects nucleus-free DAB blotches, fibrillar non-specific
         staining; QuPath's detection is nucleus-based too); 0 = off.
     min_dab_contrast_od : float
         A positive cell's mean DAB above its local background (the grey opening of
@@ -366,7 +366,7 @@ def detect_cells(
         ``x_px``/``y_px`` (column/row, image pixels), ``area_px``/``area_um2`` of the detected
         object, ``diameter_um`` (equivalent circle), ``dab_mean_od`` (mean DAB of the graded
         compartment), ``dab_max_od`` (object maximum of the DAB), ``hema_max_od`` (object maximum of the
-        smoothed hematoxylin),
+        hematoxylin smoothed over 1 µm),
         ``dab_positive_fraction``, ``hema_mean_od`` (object), ``nucleus_dab_mean_od`` and
         ``cell_dab_mean_od``, ``grade`` (0–3) and ``positive``.
     labels : ndarray of int32, (H, W)
@@ -394,10 +394,9 @@ def detect_cells(
                         max_diameter_px=params.cell_max_diameter_um * um,
                         sigma_px=params.split_sigma_um * um,
                         merge_ratio=params.split_merge_ratio, split=params.split_touching)
-    hema_s = _d.gaussian(np.maximum(hema, 0), 0.25 * params.cell_min_diameter_um * um)
     hema_weight = None
-    if params.split_by == "shape+hematoxylin":
-        hema_weight = hema_s + np.float32(params.split_hematoxylin_floor_od)
+    if params.split_by == "shape+hematoxylin":  # one smoothed weight shared by both passes
+        hema_weight = _split_intensity(params, hema, hema, um)
     seg = dict(params=params, um=um, px_area_um2=px_area_um2, hema=hema,
                split_kwargs=split_kwargs, origin=origin, hema_weight=hema_weight)
     channel = params.detection_channel
@@ -440,7 +439,8 @@ def detect_cells(
     dmax = np.zeros(n + 1, np.float32)
     np.maximum.at(dmax, lab_o, dab.ravel()[idx])
     hmax = np.zeros(n + 1, np.float32)
-    np.maximum.at(hmax, lab_o, hema_s.ravel()[idx])
+    # nucleus evidence: maximum of the hematoxylin smoothed over 1 µm
+    np.maximum.at(hmax, lab_o, _d.gaussian(hema, 1.0 * um).ravel()[idx])
 
     # area filter on the detected objects
     area_px = st["count"]
