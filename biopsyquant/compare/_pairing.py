@@ -305,12 +305,6 @@ def prepare(slides: pd.DataFrame | str | Path, *, design: pd.DataFrame | str | P
                              "reason": reason})
         df = df[~mask.to_numpy()]
 
-    # rows without identifiers
-    for col in _REQUIRED:
-        exclude(df[col] == "", f"missing_{col}",
-                lambda r, col=col: f"{sname} line {r['_row']}: slide {r['slide']} has no {col}; "
-                "excluded")
-
     # failed slides
     if "status" in df.columns and (_text(df["status"]) == "").all():
         problems.add("no_status_column", f"{sname}: the 'status' column is empty; every row "
@@ -320,12 +314,20 @@ def prepare(slides: pd.DataFrame | str | Path, *, design: pd.DataFrame | str | P
         err = _text(df["error"]) if "error" in df.columns else pd.Series("", index=df.index)
         df = df.assign(_status=status, _err=err)
         exclude(df["_status"] != "ok", "failed_slide",
-                lambda r: f"slide {r['slide']} ({r['marker']}, patient {r['patient']}, "
-                f"{r['timepoint']}) has status {r['_status'] or 'empty'!r}"
+                lambda r: f"slide {r['slide']} ("
+                + ", ".join(x for x in (r["marker"], r["patient"] and f"patient {r['patient']}",
+                                        r["timepoint"]) if x)
+                + f") has status {r['_status'] or 'empty'!r}"
                 + (f": {r['_err']}" if r["_err"] else "") + "; excluded")
     else:
         problems.add("no_status_column", f"{sname}: no 'status' column; every row treated as "
                      "successfully scored", severity="info")
+
+    # rows without identifiers
+    for col in _REQUIRED:
+        exclude(df[col] == "", f"missing_{col}",
+                lambda r, col=col: f"{sname} line {r['_row']}: slide {r['slide']} has no {col}; "
+                "excluded")
 
     def no_rows_left(stage: str) -> None:
         if len(df):
