@@ -206,3 +206,13 @@ def test_serial_and_process_runners_agree():
     assert isinstance(make_runner(1), SerialRunner)
     with pytest.raises(InputError, match="--workers"):
         make_runner(0)
+
+
+def test_demo_picks_sample_slides_not_truth_files(tmp_path):
+    from biopsyquant._cli.demo import sample_images
+
+    for name in ("P01_baseline_CD163.tif", "P01_baseline_CD163.fibers.tif",
+                 "P01_baseline_CD163.compartments.tif", "P02_month6_IL-1b.tif", "notes.tif"):
+        _touch(tmp_path / name)
+    assert [p.name for p in sample_images(tmp_path)] == ["P01_baseline_CD163.tif",
+                                                          "P02_month6_IL-1b.tif"]

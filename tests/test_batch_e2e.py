@@ -175,7 +175,7 @@ def _listed(out: Path) -> int:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_and_second_run_is_refused(cohort, tmp_path):
+def test_killed_run_resumes_and_second_run_is_refused(tmp_path):
     img = tmp_path / "in"
     img.mkdir()
     src = section_rgb("CD163", 11, SMALL)

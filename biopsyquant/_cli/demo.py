@@ -10,6 +10,10 @@ from pathlib import Path
 
 HELP = "score the sample images (every marker) and run the pre/post comparison"
 PATTERN = "{patient}_{timepoint}_{marker}"
+#: the headline number of each marker (figures are drawn for these only, to keep the demo quick)
+KEY_METRICS = {"CD163": "cells_per_mm2", "MHC-I": "fibers_positive_pct",
+               "IL-1a": "positive_area_pct", "IL-1b": "positive_area_pct",
+               "IL-1Ra": "positive_area_pct", "Ki67": "positive_pct"}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -76,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
         if len(ok_rows):
             cmp_dir = out / "compare"
             comparison = compare_slides(out / "slides.csv")
-            report = write_report(comparison, cmp_dir)
+            figs = [f"{m}:{KEY_METRICS[m]}" for m in sorted(set(ok_rows["marker"]))
+                    if m in KEY_METRICS]
+            report = write_report(comparison, cmp_dir, figure_metrics=figs or None)
             lines.append(f"pre/post report   : {report}")
     print("\n".join(lines))
     return status

@@ -1,0 +1,225 @@
+"""Whole-slide throughput: decode-only vs scoring per marker, with peak memory.
+
+Generates, in a temporary folder, one ~20,000 × 20,000 pyramidal JPEG-tiled TIFF per marker
+(a mirrored mosaic of a 2048² synthetic section of that marker, written tile by tile so
+memory stays bounded), then for each slide
+
+* **decode only**: reads all of level 0 in 2048-px regions through ``Slide.read_region``
+  (JPEG decoding with 2 threads), and
+* **score**: ``biopsyquant score`` on the slide (``score_folder``) with ``--workers`` local
+  processes, tiled with the preset tiling (2048-px cores, 200 µm overlap),
+
+each in a fresh child process, sampling the resident memory of that process and all its
+descendants (driver + workers) every 0.1 s. Prints one table: Mpx/s, seconds, peak RSS.
+
+Usage::
+
+    python benchmarks/bench_wsi.py [--size 20000] [--markers CD163 MHC-I IL-1b] [--workers 2]
+
+Goals (2-core machine): IL-1 pixel scoring ≥ 50 % of the decode-only rate; CD163 and MHC-I
+≥ 20 Mpx/s; peak RSS < 2 GB whatever the slide size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+SOURCE = 2048
+TILE = 512
+MPP = 0.5
+
+
+def _mosaic_index(start: int, n: int, period: int) -> np.ndarray:
+    """Indices into a period-long source for a mirrored mosaic (continuous at block seams)."""
+    i = np.arange(start, start + n)
+    block, within = np.divmod(i, period)
+    return np.where(block % 2 == 1, period - 1 - within, within)
+
+
+def write_mosaic_slide(path: Path, src: np.ndarray, size: int) -> None:
+    """Pyramidal JPEG-tiled TIFF of ``size``² from ``src`` (levels /1, /4, /16), tile by tile."""
+    import cv2
+    import tifffile
+
+    levels = [src]
+    for f in (4, 16):
+        levels.append(cv2.resize(src, (SOURCE // f, SOURCE // f), interpolation=cv2.INTER_AREA))
+
+    def tiles(level: int):
+        s = levels[level]
+        n = -(-size // (4 ** level))
+        for y in range(0, n, TILE):
+            ri = _mosaic_index(y, TILE, s.shape[0])
+            for x in range(0, n, TILE):
+                ci = _mosaic_index(x, TILE, s.shape[1])
+                yield np.ascontiguousarray(s[np.ix_(ri, ci)])
+
+    r = 1e4 / MPP
+    kw = {"photometric": "rgb", "tile": (TILE, TILE), "compression": "jpeg",
+          "compressionargs": {"level": 90}, "dtype": np.uint8, "metadata": None}
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        tw.write(tiles(0), shape=(size, size, 3), subifds=2, resolution=(r, r),
+                 resolutionunit="CENTIMETER", **kw)
+        for lv in (1, 2):
+            n = -(-size // (4 ** lv))
+            tw.write(tiles(lv), shape=(n, n, 3), subfiletype=1, **kw)
+
+
+# ------------------------------------------------------------------ child-process jobs
+
+def job_decode(path: str) -> dict:
+    from biopsyquant.slide import open_slide
+
+    t0 = time.perf_counter()
+    n = 0
+    with open_slide(path) as s:
+        h, w = s.shape
+        for y in range(0, h, 2048):
+            for x in range(0, w, 2048):
+                a = s.read_region(x, y, min(2048, w - x), min(2048, h - y))
+                n += a.shape[0] * a.shape[1]
+    return {"seconds": time.perf_counter() - t0, "pixels": n}
+
+
+def job_score(path: str, marker: str, workers: int, out: str, *overrides: str) -> dict:
+    from biopsyquant.batch import score_folder
+
+    t0 = time.perf_counter()
+    r = score_folder([path], out=out, marker=marker, workers=workers, progress=False,
+                     force=True, overrides=list(overrides) or None)
+    sec = time.perf_counter() - t0
+    run = json.loads((Path(out) / "run.json").read_text())
+    prov = run["slides"][0].get("provenance", {})
+    return {"seconds": sec, "status": r.slides.loc[0, "status"],
+            "error": r.slides.loc[0, "error"], "tiles": prov.get("tiling", {}).get("n_tiles"),
+            "pixels": int(np.prod(prov.get("shape", [0, 0])))}
+
+
+# ------------------------------------------------------------------ memory sampling
+
+def _tree_rss(root: int) -> int:
+    """Resident bytes of ``root`` and all its descendants (Linux /proc)."""
+    parent: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as fh:
+                stat = fh.read()
+            fields = stat[stat.rindex(")") + 2:].split()
+            parent[int(d)] = int(fields[1])
+            rss[int(d)] = int(fields[21]) * page
+        except (OSError, ValueError, IndexError):
+            continue
+    total, todo = 0, [root]
+    seen = set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        total += rss.get(p, 0)
+        todo.extend(c for c, pp in parent.items() if pp == p)
+    return total
+
+
+def run_child(args: list[str]) -> tuple[dict, int]:
+    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE,
+                            text=True)
+    peak = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, _tree_rss(proc.pid))
+            stop.wait(0.1)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out, _ = proc.communicate()
+    stop.set()
+    th.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"child {args} failed with status {proc.returncode}")
+    return json.loads(out.strip().splitlines()[-1]), peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=20000, help="slide edge in pixels")
+    ap.add_argument("--markers", nargs="+", default=["CD163", "MHC-I", "IL-1b"])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--keep", help="folder to keep the generated slides in (default: temp)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="SECTION.KEY=VALUE", help="settings override for scoring, e.g. "
+                    "tiling.max_whole_image_px=16000000 to tile smaller slides")
+    ap.add_argument("--_job", nargs="+", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a._job:
+        kind, *rest = a._job
+        res = job_decode(*rest) if kind == "decode" else job_score(rest[0], rest[1],
+                                                                    int(rest[2]), *rest[3:])
+        print(json.dumps(res))
+        return
+
+    from biopsyquant.synthetic import generate_section
+
+    with tempfile.TemporaryDirectory(prefix="bench_wsi_") as tmp:
+        folder = Path(a.keep or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        mpx = a.size * a.size / 1e6
+        print(f"slides: {a.size}x{a.size} ({mpx:.0f} Mpx), JPEG q90 tiles {TILE}, "
+              f"{MPP} µm/px, pyramid /1 /4 /16; scoring with {a.workers} worker processes "
+              f"{' '.join(a.overrides)}; "
+              f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}", flush=True)
+        rows = []
+        for i, marker in enumerate(a.markers):
+            path = folder / f"bench_{marker}.tif"
+            if not path.is_file():
+                t0 = time.perf_counter()
+                src = generate_section(marker=marker, seed=40 + i, shape=(SOURCE, SOURCE),
+                                       mpp=MPP).rgb
+                write_mosaic_slide(path, src, a.size)
+                del src
+                print(f"  wrote {path.name} ({path.stat().st_size / 1e6:.0f} MB) in "
+                      f"{time.perf_counter() - t0:.0f} s", flush=True)
+            dec, dec_rss = run_child(["--_job", "decode", str(path)])
+            sco, sco_rss = run_child(["--_job", "score", str(path), marker, str(a.workers),
+                                      str(folder / f"out_{marker}"), *a.overrides])
+            row = {"marker": marker, "decode_mpx_s": dec["pixels"] / 1e6 / dec["seconds"],
+                   "decode_s": dec["seconds"], "decode_peak_rss_mb": dec_rss / 2**20,
+                   "score_mpx_s": mpx / sco["seconds"], "score_s": sco["seconds"],
+                   "score_peak_rss_mb": sco_rss / 2**20, "tiles": sco["tiles"],
+                   "status": sco["status"]}
+            row["score_vs_decode"] = row["score_mpx_s"] / row["decode_mpx_s"]
+            rows.append(row)
+            print(f"  {marker}: decode {row['decode_mpx_s']:.1f} Mpx/s ({dec['seconds']:.1f} s), "
+                  f"score {row['score_mpx_s']:.2f} Mpx/s ({sco['seconds']:.0f} s, "
+                  f"{sco['tiles']} tiles, {sco['status']}), peak RSS "
+                  f"{row['score_peak_rss_mb']:.0f} MB", flush=True)
+        print()
+        print("| marker | decode only Mpx/s | score Mpx/s | score / decode | score s | "
+              "tiles | peak RSS MB (driver + workers) |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['marker']} | {r['decode_mpx_s']:.1f} | {r['score_mpx_s']:.2f} | "
+                  f"{100 * r['score_vs_decode']:.1f} % | {r['score_s']:.0f} | {r['tiles']} | "
+                  f"{r['score_peak_rss_mb']:.0f} |")
+        print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
