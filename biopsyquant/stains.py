@@ -556,10 +556,12 @@ def estimate_background(
             for peak in peaks[::-1]:  # brightest first: glass is brighter than pale tissue
                 half = 0.5 * hist[peak]
                 lo = peak
-                while lo > 0 and hist[lo - 1] >= half:
+                # half-maximum width, stopping at a valley so that a neighbouring (tissue)
+                # peak is never merged into the glass peak
+                while lo > 0 and half <= hist[lo - 1] <= hist[lo]:
                     lo -= 1
                 hi = peak
-                while hi < 255 and hist[hi + 1] >= half:
+                while hi < 255 and half <= hist[hi + 1] <= hist[hi]:
                     hi += 1
                 sel = (b >= lo - 0.5) & (b <= hi + 0.5)
                 if int(sel.sum()) >= need:

@@ -505,3 +505,15 @@ def test_bcdata_ki67_dab_separates_annotated_nuclei(realdata):
     assert np.mean(pos >= 0.2) > 0.98
     assert np.mean(neg >= 0.2) < 0.12
     assert np.mean(np.array(neg255) >= 0.2) > np.mean(neg >= 0.2) + 0.05
+
+
+def test_background_glass_peak_not_merged_with_adjacent_tissue_peak():
+    """Regression: glass (~232) next to a larger pale-tissue peak (~214) whose valley stays
+    above half the glass peak height; the half-maximum walk must stop at the valley."""
+    from biopsyquant.synthetic import generate_section
+
+    sec = generate_section(marker="CD163", seed=56, shape=(768, 768), mpp=0.5)
+    bg = estimate_background(sec.rgb)
+    glass = sec.rgb[~sec.tissue].astype(float)
+    expected = np.median(glass, axis=0)
+    assert np.abs(np.asarray(bg) - expected).max() <= 4.0
