@@ -614,6 +614,7 @@ def _segment_working(total: np.ndarray, counter: np.ndarray, hema: np.ndarray,
     # 2. split touching cores: h-maxima of the distance transform + watershed
     dist = cv2.distanceTransform(core.astype(np.uint8), cv2.DIST_L2, 5)
     dsm = _gauss(dist, 1.0)
+    # markers: h-maxima of the smoothed distance (depth >= split_depth), on an integer copy
     h = max(params.split_depth_um / wm, 0.5)
     q = 4.0  # quantise to 1/4 px for a fast integer h-maxima
     dq = np.minimum(dsm * q, 65535).astype(np.uint16)
@@ -638,11 +639,11 @@ def _segment_working(total: np.ndarray, counter: np.ndarray, hema: np.ndarray,
     lp = np.pad(line, 1, mode="edge")
     ridge = boundary & (((line >= lp[1:-1, :-2]) & (line >= lp[1:-1, 2:]))
                         | ((line >= lp[:-2, 1:-1]) & (line >= lp[2:, 1:-1])))
-    bg = (~tissue | pale | ridge | (far > grow_px)) & (cores == 0)
+    region = far <= grow_px + 1.5  # only pixels near a core are flooded
+    bg = (~tissue | pale | ridge | (far > grow_px)) & (cores == 0) & region
     seeds[bg] = bg_id
-    lab = watershed(edge, seeds).astype(np.int32)
-    lab[lab == bg_id] = 0
-    lab[~tissue] = 0
+    lab = watershed(edge, seeds, mask=region).astype(np.int32)
+    lab[(lab == bg_id) | ~tissue] = 0
 
     r_min = params.min_diameter_um / wm / 2.0
     r_max = params.max_diameter_um / wm / 2.0
