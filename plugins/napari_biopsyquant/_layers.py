@@ -28,7 +28,10 @@ COMPARTMENT_COLORS = {
 UNKNOWN_COLOR = (1.0, 1.0, 1.0, 1.0)
 #: colours of the MHC-I grade of fibers: label value = grade + 1 (1 = negative)
 FIBER_GRADE_COLORS = {1: (0.3, 0.6, 1.0, 0.45), 2: (1.0, 0.9, 0.1, 0.55),
-                      3: (1.0, 0.55, 0.0, 0.6), 4: (0.85, 0.0, 0.0, 0.6)}
+                      3: (1.0, 0.55, 0.0, 0.6), 4: (0.85, 0.0, 0.0, 0.6),
+                      5: (0.6, 0.6, 0.6, 0.35)}
+#: label value of a fiber that was not scored (too small, cut by an exclusion ...)
+FIBER_NOT_SCORED = 5
 #: colours of DAB pixel classes 1+ .. 3+
 DAB_CLASS_COLORS = {1: (1.0, 0.9, 0.1, 0.7), 2: (1.0, 0.55, 0.0, 0.75), 3: (0.8, 0.0, 0.0, 0.85)}
 #: features shown per point (when present in the cells table)
@@ -85,14 +88,15 @@ def feature_defaults(features: pd.DataFrame) -> dict:
 
 
 def fiber_grade_labels(fibers_lab: np.ndarray | None, fibers: pd.DataFrame) -> np.ndarray | None:
-    """Label image whose value is MHC-I grade + 1 per fiber (None without grades)."""
+    """Label image whose value is MHC-I grade + 1 per fiber, ``FIBER_NOT_SCORED`` for fibers
+    without a grade (None when the table has no grades)."""
     if fibers_lab is None or not len(fibers) or "mhc_grade" not in fibers:
         return None
     n = int(max(fibers_lab.max(), fibers["fiber_id"].max())) + 1
     lut = np.zeros(n, np.uint8)
     ids = fibers["fiber_id"].to_numpy(int)
     grade = pd.to_numeric(fibers["mhc_grade"], errors="coerce").fillna(-1).to_numpy(int)
-    lut[ids] = np.where(grade >= 0, grade + 1, 0)
+    lut[ids] = np.where(grade >= 0, grade + 1, FIBER_NOT_SCORED)
     lut[0] = 0
     return lut[fibers_lab]
 

@@ -42,8 +42,11 @@ from biopsyquant.errors import BiopsyQuantError
 from biopsyquant.settings import MARKERS, load_settings
 
 from ._layers import (
+    COMPARTMENT_COLORS,
     DAB_CLASS_COLORS,
     FIBER_GRADE_COLORS,
+    FIBER_NOT_SCORED,
+    GRADE_COLORS,
     cell_colors,
     feature_defaults,
     fiber_grade_labels,
@@ -79,6 +82,12 @@ def _camera(viewer):
     """The viewer's camera (``viewer.scene.camera`` since napari 0.9)."""
     scene = getattr(viewer, "scene", None)
     return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+
+
+def _units(layer) -> dict:
+    """``units`` of the image layer, for result layers drawn over it (napari wants one unit)."""
+    units = getattr(layer, "units", None)
+    return {"units": tuple(str(u) for u in units[-2:])} if units is not None else {}
 
 
 def _direct_cmap(colors: dict) -> DirectLabelColormap:
@@ -149,9 +158,13 @@ class ScoringWidget(QWidget):
         self.color_combo.addItems(["grade", "compartment"])
         self.color_combo.setToolTip("Colour cells by DAB grade or by compartment")
         prev_row.addWidget(self.preview_check)
-        prev_row.addWidget(QLabel("cells by"))
+        self._color_label = QLabel("cells by")
+        prev_row.addWidget(self._color_label)
         prev_row.addWidget(self.color_combo)
         outer.addLayout(prev_row)
+        self.legend = QLabel("")
+        self.legend.setWordWrap(True)
+        outer.addWidget(self.legend)
 
         btns = QHBoxLayout()
         self.score_btn = QPushButton("Score whole image")
@@ -211,6 +224,7 @@ class ScoringWidget(QWidget):
         self.estimate_btn.clicked.connect(self.estimate_stains_here)
         self.preview_check.toggled.connect(self._schedule_preview)
         self.color_combo.currentTextChanged.connect(self._recolor_all)
+        self.color_combo.currentTextChanged.connect(self._update_legend)
         self.score_btn.clicked.connect(self.score_current)
         self.cancel_btn.clicked.connect(self.cancel)
         self.draw_excl_btn.clicked.connect(self.draw_exclusion)
@@ -284,7 +298,35 @@ class ScoringWidget(QWidget):
                                  if self.settings.stains.estimate else
                                  f"stains: preset {self.settings.stains.preset}")
         self._build_form()
+        self._update_legend()
         self._schedule_preview()
+
+    def _update_legend(self, *_: Any) -> None:
+        """Colour key of the result layers of the current analysis."""
+        def dot(rgba, text):
+            r, g, b = (int(255 * c) for c in rgba[:3])
+            return f'<span style="color:rgb({r},{g},{b})">&#9679;</span>&nbsp;{text}'
+
+        kind = self.settings.analysis
+        self.color_combo.setVisible(kind == "cells")
+        self._color_label.setVisible(kind == "cells")
+        if kind == "cells" and self.color_combo.currentText() == "compartment":
+            items = [dot(c, n) for n, c in COMPARTMENT_COLORS.items() if n != "vessel"]
+            title = "cells by compartment"
+        elif kind == "cells":
+            items = [dot(GRADE_COLORS[g], t) for g, t in
+                     ((0, "negative"), (1, "1+"), (2, "2+"), (3, "3+"))]
+            title = "cells by DAB grade"
+        elif kind == "mhc":
+            items = [dot(FIBER_GRADE_COLORS[g + 1], t) for g, t in
+                     ((0, "0"), (1, "1+"), (2, "2+"), (3, "3+"))] + \
+                [dot(FIBER_GRADE_COLORS[FIBER_NOT_SCORED], "not scored")]
+            title = "fibers by MHC-I grade"
+        else:
+            items = [dot(DAB_CLASS_COLORS[k], t) for k, t in
+                     ((1, "weak"), (2, "moderate"), (3, "strong"))]
+            title = "DAB pixel classes"
+        self.legend.setText(f"{title}: " + " &nbsp; ".join(items))
 
     def _build_form(self) -> None:
         while self.settings_form.rowCount():
@@ -494,17 +536,17 @@ class ScoringWidget(QWidget):
         if res.settings.analysis == "cells":
             data, feats = points_data(res.cells)
             self.viewer.add_points(data, features=feats, name=name, scale=scale,
-                                   translate=translate, size=8, border_width=0,
+                                   translate=translate, **_units(layer), size=8, border_width=0,
                                    face_color=cell_colors(res.cells,
                                                           self.color_combo.currentText()))
         elif "dab_class" in res.labels:
             self.viewer.add_labels(res.labels["dab_class"].astype(np.uint8), name=name,
-                                   scale=scale, translate=translate, opacity=0.7,
+                                   scale=scale, translate=translate, **_units(layer), opacity=0.7,
                                    colormap=_direct_cmap(DAB_CLASS_COLORS))
         else:
             lab = fiber_grade_labels(res.labels.get("fibers"), res.fibers)
             if lab is not None:
-                self.viewer.add_labels(lab, name=name, scale=scale, translate=translate,
+                self.viewer.add_labels(lab, name=name, scale=scale, translate=translate, **_units(layer),
                                        opacity=0.6, colormap=_direct_cmap(FIBER_GRADE_COLORS))
         if active is not None and active in self.viewer.layers:
             self.viewer.layers.selection.active = active
@@ -593,7 +635,7 @@ class ScoringWidget(QWidget):
             return None
         active = self.viewer.layers.selection.active
         ly = self.viewer.add_shapes(name=name, scale=tuple(layer.scale[-2:]),
-                                    translate=tuple(layer.translate[-2:]), edge_color="cyan",
+                                    translate=tuple(layer.translate[-2:]), **_units(layer), edge_color="cyan",
                                     face_color=np.array([0.0, 1.0, 1.0, 0.15]), edge_width=4, ndim=2)
         ly.metadata["biopsyquant_exclusions_of"] = layer.name
         ly.events.data.connect(lambda e, im=layer: self._on_exclusions_edited(im, e))
@@ -666,16 +708,16 @@ class ScoringWidget(QWidget):
         if graded is not None:
             layers["fibers"] = self.viewer.add_labels(
                 graded, name=f"{layer.name} fibers (MHC-I grade)", scale=lab_scale,
-                translate=translate, opacity=0.6, colormap=_direct_cmap(FIBER_GRADE_COLORS))
+                translate=translate, **_units(layer), opacity=0.6, colormap=_direct_cmap(FIBER_GRADE_COLORS))
         elif fibers_lab is not None and np.any(fibers_lab):
             layers["fibers"] = self.viewer.add_labels(
                 np.asarray(fibers_lab).astype(np.int32), name=f"{layer.name} fibers",
-                scale=lab_scale, translate=translate, opacity=0.25, visible=False)
+                scale=lab_scale, translate=translate, **_units(layer), opacity=0.25, visible=False)
         dab = res.labels.get("dab_class", res.labels.get("overview_dab_class"))
         if dab is not None and res.settings.analysis == "pixels":
             layers["dab"] = self.viewer.add_labels(
                 np.asarray(dab).astype(np.uint8), name=f"{layer.name} DAB classes",
-                scale=lab_scale, translate=translate, opacity=0.7,
+                scale=lab_scale, translate=translate, **_units(layer), opacity=0.7,
                 colormap=_direct_cmap(DAB_CLASS_COLORS))
         if res.settings.analysis == "cells":
             layers["cells"] = self._add_cells_layer(layer, session)
@@ -692,11 +734,11 @@ class ScoringWidget(QWidget):
     def _add_cells_layer(self, layer, session: ReviewSession):
         table = session.cells_table(include_deleted=False)
         data, feats = points_data(table)
-        size = max(6.0, 8.0 / float(session.mpp or 1.0) if session.mpp else 10.0)
+        size = 7.0 / session.size_mpp  # a 7 µm disk
         pts = self.viewer.add_points(
             data, features=feats, feature_defaults=feature_defaults(feats),
             name=f"{layer.name} cells", scale=tuple(layer.scale[-2:]),
-            translate=tuple(layer.translate[-2:]), size=size, border_width=0.15,
+            translate=tuple(layer.translate[-2:]), **_units(layer), size=size, border_width=0.15,
             border_width_is_relative=True, border_color="white",
             face_color=cell_colors(table, self.color_combo.currentText()))
         pts.metadata["biopsyquant_cells_of"] = layer.name
