@@ -65,7 +65,7 @@ import pandas as pd
 from numba import njit
 
 from .errors import InputError
-from .pixels import _od_lut, _pale_par, _pale_ser, _run, positive_vessels
+from .pixels import _od_lut, _pale_par, _pale_ser, _run, code_mask, positive_vessels
 
 if TYPE_CHECKING:  # score imports the analysis modules lazily; avoid a cycle at import time
     from .score import ImageContext, Measurements
@@ -410,7 +410,7 @@ def score_fibers_mhc(fiber_labels: np.ndarray, dab_od: np.ndarray, *, mpp: float
         comp = np.asarray(compartments)
         if comp.shape != shape:
             raise InputError(f"`compartments` has shape {comp.shape}, fiber labels have {shape}")
-        edge_mask = np.isin(comp, np.asarray(p.fascicle_edge_codes, np.uint8))
+        edge_mask = code_mask(comp, p.fascicle_edge_codes)
         if edge_mask.any():
             edge = cv2.distanceTransform((~edge_mask).view(np.uint8), cv2.DIST_L2, 5)
     ring_hist = np.zeros((n + 1, n_ring, _H_N), np.int32)
@@ -522,8 +522,7 @@ def measure(ctx: ImageContext) -> Measurements:
                            rgb=ctx.rgb, background=ctx.stain_model.background,
                            compartments=ctx.compartments)
     comp = np.asarray(ctx.compartments)
-    region = np.asarray(ctx.analysed, bool) & np.isin(comp, np.asarray(p.capillary_codes,
-                                                                         np.uint8))
+    region = np.asarray(ctx.analysed, bool) & code_mask(comp, p.capillary_codes)
     ves = positive_vessels(ctx.dab_od, region=region, mpp=mpp, own=ctx.own,
                            threshold_od=p.capillary_od, min_area_um2=p.capillary_min_area_um2,
                            max_area_um2=p.capillary_max_area_um2,

@@ -328,6 +328,13 @@ def lumen_mask(rgb: np.ndarray, *, background, mpp: float, within: np.ndarray,
     return lumen
 
 
+def code_mask(compartments: np.ndarray, codes) -> np.ndarray:
+    """Bool image: compartment code in ``codes`` (a 256-entry lookup, faster than np.isin)."""
+    lut = np.zeros(256, bool)
+    lut[np.asarray(codes, np.int64)] = True
+    return lut[np.asarray(compartments, np.uint8)]
+
+
 def _holes(obj: np.ndarray) -> np.ndarray:
     """Pixels enclosed by ``obj`` (bool crop): background not 4-connected to the crop border."""
     h, w = obj.shape
@@ -619,7 +626,7 @@ def measure(ctx: ImageContext) -> Measurements:
                                    params=p, drop=lumen, return_classes=True)
     counts["lumen_px"] = int(np.count_nonzero(lumen & own_mask)) if lumen is not None else 0
     comp = np.asarray(ctx.compartments)
-    region = analysed & np.isin(comp, np.asarray(p.capillary_codes, np.uint8))
+    region = analysed & code_mask(comp, p.capillary_codes)
     if lumen is not None:
         region &= ~lumen
     ves = positive_vessels(ctx.dab_od, region=region, mpp=mpp, own=ctx.own,
