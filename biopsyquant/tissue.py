@@ -83,6 +83,14 @@ class TissueParams:
         separate fascicles — remain outside the tissue.
     remove_pen : bool
         Remove green and saturated blue marker-pen ink (see :func:`pen_mask`).
+    texture_factor : float
+        Pale tissue under uneven illumination can fall below ``od_threshold``; such pixels
+        still count as tissue when their local texture (standard deviation of brightness in
+        a ``texture_window_um`` window at ~2 µm/px) exceeds ``texture_factor`` times the
+        texture of the image's glass (and at least 1.5 intensity levels) and their OD is at
+        least ``od_threshold / 3``.  0 turns the texture cue off.
+    texture_window_um : float
+        Window of the texture measure (µm).
     """
 
     work_mpp: float = 8.0
@@ -93,6 +101,8 @@ class TissueParams:
     min_tissue_area_um2: float = 10_000.0
     max_hole_area_um2: float = 50_000.0
     remove_pen: bool = True
+    texture_factor: float = 3.0
+    texture_window_um: float = 8.0
 
     def __post_init__(self) -> None:
         for name in ("work_mpp",):
@@ -196,6 +206,12 @@ def detect_tissue(
     if r >= 1:
         score = ndi.median_filter(score, footprint=morphology.disk(r), mode="nearest")
     mask = score >= params.od_threshold
+    if params.texture_factor > 0:
+        tex = _texture(rgb, mpp=mpp, window_um=params.texture_window_um, out_shape=(sh, sw))
+        glass = score < params.od_threshold / 3
+        glass_tex = float(np.median(tex[glass])) if glass.sum() >= 16 else 1.0
+        thr = max(1.5, params.texture_factor * glass_tex)
+        mask |= (tex >= thr) & (score >= params.od_threshold / 3)
 
     if params.remove_pen:
         pen = pen_mask(small)
@@ -225,6 +241,22 @@ def detect_tissue(
         up = cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
         mask = up >= 0.5
     return mask
+
+
+def _texture(rgb: np.ndarray, *, mpp: float, window_um: float,
+             out_shape: tuple[int, int]) -> np.ndarray:
+    """Local standard deviation of brightness (0-255 levels) at ~2 µm/px, at ``out_shape``."""
+    h, w = rgb.shape[:2]
+    f = min(1.0, mpp / 2.0)
+    mh, mw = max(1, round(h * f)), max(1, round(w * f))
+    mid = rgb if (mh, mw) == (h, w) else cv2.resize(np.ascontiguousarray(rgb), (mw, mh),
+                                                   interpolation=cv2.INTER_AREA)
+    gray = mid.astype(np.float32).mean(axis=2)
+    k = max(3, int(round(window_um / (mpp / f))) | 1)
+    mean = cv2.blur(gray, (k, k))
+    sq = cv2.blur(gray * gray, (k, k))
+    std = np.sqrt(np.maximum(sq - mean * mean, 0.0))
+    return cv2.resize(std, (out_shape[1], out_shape[0]), interpolation=cv2.INTER_AREA)
 
 
 def _fill_small_holes(mask: np.ndarray, max_area_px: float) -> np.ndarray:
