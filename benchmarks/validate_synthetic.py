@@ -154,7 +154,7 @@ def cd163_metrics(res, sec) -> dict:
         xx = np.clip(np.round(tpos["x_px"].to_numpy()).astype(int), 0, comp.shape[1] - 1)
         mc = comp[yy, xx]
         tcc = tpos["compartment"].to_numpy()
-        endo = tcc == 2
+        endo = (tcc == 2) | (tcc == "endomysium")
         out["true_endo_cells_in_meas_endo_pct"] = (np.mean(mc[endo] == 2) * 100
                                                    if endo.any() else np.nan)
         out["true_cells_meas_comp"] = {CODES[c]: int(np.sum(mc == c)) for c in range(6)}
@@ -291,6 +291,13 @@ def run_one(marker: str, seed: int, opts: dict, *, diagnostic: bool, shape) -> l
             row.update(il1_metrics(res, sec))
         row["_summary"] = res.summary
         rows.append(row)
+        if vname == "user" and diagnostic:
+            glass_bg = np.asarray(variants[1][1].background, float)
+            if np.max(np.abs(glass_bg - np.asarray(res.stain_model.background, float))) < 2.0:
+                # same background: the diagnostic run would repeat this one
+                rows.append({**row, "variant": "bg-glass"})
+                print(f"  {marker} seed={seed} bg-glass = user (same background)", flush=True)
+                break
         print(f"  {marker} seed={seed} {vname:8s} {_brief(row)}  "
               f"(gen {t_gen:.1f}s, score {t_score:.1f}s)", flush=True)
     return rows
@@ -311,8 +318,8 @@ def grid(quick: bool) -> dict:
                   for f in ((0.0, 0.3, 0.9) if quick else (0.0, 0.3, 0.6, 0.9))],
     }
     exprs = (0.2, 0.5, 0.8) if quick else (0.1, 0.3, 0.5, 0.7, 0.9)
-    for m in ("IL-1a", "IL-1b", "IL-1Ra"):
-        g[m] = [(seeds[0], {"expression": e}) for e in exprs]
+    for m, sd in (("IL-1a", 12), ("IL-1b", 11), ("IL-1Ra", 12)):
+        g[m] = [(sd, {"expression": e}) for e in exprs]
     return g
 
 
@@ -387,6 +394,7 @@ def write_report(rows: list[dict], robust: list[dict], spear: dict, args, t_tota
           f"numpy {np.__version__}; grid {'quick' if args.quick else 'full'}, shape "
           f"{tuple(args.shape)}, mpp {MPP} µm/px; total wall time {t_total / 60:.1f} min "
           "(2-core machine shared with other jobs: timings are noisy).", "",
+          f"Code state: {_git_state()}.", "",
           f"Every section: `generate_section(marker, seed, shape, mpp={MPP}, "
           f"**{PERTURB}, <level>)`, scored with `score_image(rgb, marker=..., mpp={MPP})` "
           "(per-image background + stain estimation, as a user runs it). Truth: the generator's "
@@ -441,7 +449,8 @@ def write_report(rows: list[dict], robust: list[dict], spear: dict, args, t_tota
         L += ["## Robustness: same tissue, another staining batch", "",
               f"Batch B = `batch_seed=seed+1000, {REBATCH}` vs batch A (the perturbation above). "
               "Δ = B − A (variant `user`).", ""]
-        L += detail_table(pd.DataFrame(robust), list(robust[0].keys())) + [""]
+        for rec in robust:
+            L += detail_table(pd.DataFrame([rec]), list(rec.keys())) + [""]
     # confusion matrix (pooled, user variant)
     cms = [r["_confusion"] for r in rows if r["variant"] == "user"]
     if cms:
@@ -452,7 +461,8 @@ def write_report(rows: list[dict], robust: list[dict], spear: dict, args, t_tota
             row = cm[c] / max(cm[c].sum(), 1) * 100
             L.append(f"| {CODES[c]} | " + " | ".join(f"{x:.1f}" for x in row) + " |")
         L.append("")
-    bgs = df[df["variant"] == "user"][["marker", "seed", "bg_true", "bg_est"]].head(6)
+    bgs = df[df["variant"] == "user"][["marker", "seed", "bg_true", "bg_est"]].astype(str)
+    bgs = bgs.drop_duplicates(subset=["marker", "seed"])
     L += ["## Background estimate vs truth (first sections)", ""] + detail_table(
         bgs, ["marker", "seed", "bg_true", "bg_est"]) + [""]
     tg = df["t_gen_s"].sum()
@@ -460,6 +470,21 @@ def write_report(rows: list[dict], robust: list[dict], spear: dict, args, t_tota
     L += [f"Timing: generation {tg:.0f} s, scoring {ts:.0f} s over {len(df)} scorings "
           f"(mean score_image {df['t_score_s'].mean():.1f} s per {args.shape[0]}² section).", ""]
     return "\n".join(L)
+
+
+def _git_state() -> str:
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "biopsyquant"],
+                               capture_output=True, text=True, timeout=10).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (git unavailable)"
+    mods = [ln[3:] for ln in dirty if ln.strip()]
+    return f"commit {head}" + (f" + uncommitted edits in {', '.join(mods)}" if mods else "")
 
 
 def main(argv=None) -> int:
@@ -492,8 +517,9 @@ def main(argv=None) -> int:
     robust = []
     rb_items = {"CD163": {"cells_per_mm2": 200}, "MHC-I": {"positive_fiber_fraction": 0.3},
                 "IL-1b": {"expression": 0.5}}
-    keys = {"CD163": ["density", "cell_f1", "fiber_f1"], "MHC-I": ["mhc_pct", "fiber_f1"],
-            "IL-1b": ["area_pct", "h_score", "fiber_f1"]}
+    common = ["fiber_f1", "tissue_area_err_pct"]
+    keys = {"CD163": ["density", "cell_f1"] + common, "MHC-I": ["mhc_pct"] + common,
+            "IL-1b": ["area_pct", "h_score"] + common}
     for marker, level in rb_items.items():
         if marker not in g:
             continue
@@ -501,7 +527,8 @@ def main(argv=None) -> int:
         a = run_one(marker, seed, {**PERTURB, **level}, diagnostic=False, shape=shape)[0]
         b = run_one(marker, seed, {**REBATCH, "batch_seed": seed + 1000, **level},
                     diagnostic=False, shape=shape)[0]
-        rec = {"marker": marker, "seed": seed}
+        rec = {"marker": marker, "seed": seed, "bg_est_A": a["bg_est"], "bg_true_A": a["bg_true"],
+               "bg_est_B": b["bg_est"], "bg_true_B": b["bg_true"]}
         for k in keys[marker]:
             truth_k = k + "_true"
             rec[f"{k}_A"] = a[k]
