@@ -72,6 +72,10 @@ def test_manifest_is_valid_and_named_like_the_distribution():
     keys = {s.key for s in pm.contributions.sample_data}
     assert keys == {"cd163", "mhc-i", "il-1a", "il-1b", "il-1ra"}
     assert pm.contributions.readers and pm.contributions.writers
+    from napari_biopsyquant._reader import READABLE_SUFFIXES
+
+    patterns = pm.contributions.readers[0].filename_patterns
+    assert sorted(patterns) == sorted(f"*{s}" for s in READABLE_SUFFIXES)
 
 
 def test_sample_data_are_slide_images_not_truth_files():
@@ -261,6 +265,9 @@ def test_export_matches_batch_schema_and_exclusions_feed_the_batch(cd163_file, t
               "n_fibers", "tissue_area_mm2"):
         assert n_slides.loc[0, c] == pytest.approx(b_slides.loc[0, c], rel=1e-9), c
     assert b_slides.loc[0, "excluded_area_mm2"] > 0
+    # the exported settings file reproduces the settings
+    again = load_settings("CD163", path=written["settings"])
+    assert again.digest() == s.settings.digest()
 
 
 # ------------------------------------------------------------------ GUI (Xvfb)
@@ -361,6 +368,40 @@ def test_results_stay_on_their_layer_and_table_centres_view(make_napari_viewer, 
     widget.select_object(row)
     assert tuple(cam.center[-2:]) == pytest.approx(
         (objects.loc[row, "y_px"] * MPP, objects.loc[row, "x_px"] * MPP))
+
+
+@gui
+@pytest.mark.gui
+def test_large_slide_scores_in_tiles_with_progress_and_cancel(make_napari_viewer, qtbot,
+                                                              cd163_file):
+    """Level 0 over tiling.max_whole_image_px: the widget uses the batch's tiled engine."""
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(cd163_file), plugin="biopsyquant")
+    _, widget = viewer.window.add_plugin_dock_widget("biopsyquant", "Score IHC")
+    for key, value in (("tiling.max_whole_image_px", 200_000), ("tiling.tile_size_px", 384),
+                       ("tiling.overlap_um", 80.0)):
+        widget.set_setting(key, value)
+    progress = []
+    worker = widget.score_current()
+    session = widget.sessions[id(layer)]
+    assert session.tiled and session.image is None  # level 0 is not read whole
+    worker.yielded.connect(lambda v: (progress.append(v), widget.cancel()))
+    _wait(qtbot, worker)
+    assert progress and session.result is None  # cancelled: nothing changed
+    assert "cancelled" in widget.status.text()
+    assert not any(ly.name.endswith(" cells") for ly in viewer.layers)
+    progress.clear()
+    worker = widget.score_current()
+    worker.yielded.connect(progress.append)
+    _wait(qtbot, worker)
+    res = session.result
+    assert res.provenance["tiling"]["n_tiles"] == 4
+    assert [p[:2] for p in progress][-1] == (4, 4) and widget.progress.value() == 100
+    pts = next(ly for ly in viewer.layers if ly.name == f"{layer.name} cells")
+    assert len(pts.data) == len(res.cells)
+    fib = next(ly for ly in viewer.layers if ly.name.startswith(f"{layer.name} fibers"))
+    ds = res.provenance["overview_downsample"]
+    assert tuple(fib.scale) == pytest.approx((MPP * ds, MPP * ds))
 
 
 @gui

@@ -1,5 +1,10 @@
 """Export a reviewed slide in the batch schema (slides.csv, cells.csv, fibers.csv).
 
+Also written: ``<slide>.exclusions.geojson`` (the drawn exclusions, level-0 pixel x, y; the
+batch reads it from a manifest ``exclusions`` column or ``--exclusions``),
+``<marker>.settings.toml`` (``biopsyquant score --settings`` reproduces the analysis) and
+``run.json`` (provenance and the manual edits).
+
 Manual edits are recorded apart from automatic detections: cells carry ``source``
 (``auto``/``manual``) and ``deleted``; the slide row carries ``cells_positive_auto``,
 ``cells_added_manual`` and ``cells_deleted_manual`` next to the corrected counts.
@@ -82,6 +87,9 @@ def export_session(session: ReviewSession, out_dir: Path) -> dict[str, Path]:
         save_exclusions(session.exclusions, path)
         written["exclusions"] = path
     res = session.result
+    # the settings as a TOML file: `biopsyquant score --settings FILE` reproduces them
+    written["settings"] = atomic_write_text(out_dir / f"{res.marker}.settings.toml",
+                                            res.settings.to_toml())
     prov = {
         "biopsyquant_version": __version__,
         "source": "napari review",

@@ -10,10 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from biopsyquant._batch_inputs import IMAGE_SUFFIXES
 from biopsyquant.errors import BiopsyQuantError
 
-READABLE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".png", ".jpg", ".jpeg", ".mrxs",
-                     ".czi", ".scn", ".bif")
+#: the suffixes the batch scans for (kept equal to the manifest's filename_patterns)
+READABLE_SUFFIXES = tuple(IMAGE_SUFFIXES)
 
 
 def napari_get_reader(path: str | list[str]) -> Callable | None:
