@@ -198,6 +198,13 @@ def test_full_tissue_and_holes():
     assert h.summary["n_holes"] == 1 and not h.tissue.all()
 
 
+def test_tiny_tissue_without_fibers():
+    s = generate_section(marker="Ki67", seed=3, shape=(300, 300), tissue_coverage=0.3)
+    assert s.summary["n_fibers"] == 0 and len(s.fiber_truth) == 0
+    assert not s.fibers.any() and s.tissue.any()
+    assert np.isfinite(s.hema_od).all() and np.isfinite(s.dab_od).all()
+
+
 def test_invalid_options_raise():
     with pytest.raises(InputError, match="unknown option"):
         generate_section(shape=SMALL, cells_per_mm3=3)

@@ -556,6 +556,7 @@ def _place_cells(p, comp, tissue, raw, *, rng) -> list:
                     placed.append((q[0], q[1]))
     # orientation: along the nearest fiber border (cells squeezed between fibers are elongated)
     dfib = cv2.distanceTransform((raw == 0).astype(np.uint8), cv2.DIST_L2, 3)
+    np.minimum(dfib, np.float32(H + W), out=dfib)
     # diameters: mostly 10-16 µm
     for x, y, ci in positions:
         d = float(np.clip(rng.normal(0.5 * (lo + hi) - 1, (hi - lo) / 5), lo, hi))
@@ -635,6 +636,7 @@ def _stain(p, geo: _Geo, extra) -> dict:
     fmask = fibers > 0
     # orientation of connective tissue: parallel to the nearest fiber border
     dfib = cv2.distanceTransform((~fmask).astype(np.uint8), cv2.DIST_L2, 3)
+    np.minimum(dfib, np.float32(H + W), out=dfib)  # no fibers at all: finite, flat field
     # fibril angle = border tangent, smoothed as a doubled angle (opposite gradients do not
     # cancel) on a 4x coarser grid, plus a wavy random perturbation
     q = 4
