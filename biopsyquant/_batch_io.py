@@ -295,7 +295,7 @@ def merge_object_tables(out: str | Path, stems: list[str], kind: str, *, lead: l
     files = [d / f"{s}.{kind}.csv" for s in stems]
     files = [f for f in files if f.is_file()]
     headers = [_csv_header(f) for f in files]
-    cols = _ordered_union(headers, [c for c in lead if any(c in h for h in headers)])
+    cols = _ordered_union(headers, list(lead))
     target = Path(out) / f"{kind}.csv"
     n = 0
 

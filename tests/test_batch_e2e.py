@@ -143,22 +143,44 @@ def test_rerun_skips_finished_slides_and_exits_nonzero(cohort, local_run, capsys
     assert (slides["status"] == "ok").sum() == 4
 
 
-def test_changed_settings_rescore(cohort, tmp_path):
+@pytest.mark.slow
+def test_manifest_exclusions_parquet_and_changed_settings(cohort, tmp_path):
+    from biopsyquant.tissue import save_exclusions
+
     img = tmp_path / "in"
     img.mkdir()
     shutil.copy(cohort / "P01_pre_CD163.tif", img / "a.tif")
+    square = np.array([[100, 100], [400, 100], [400, 400], [100, 400]], float)
+    save_exclusions([square], tmp_path / "a.geojson")
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text("path,patient,timepoint,marker,mpp,exclusions,arm\n"
+                        "in/a.tif,P9,baseline,CD163,0.5,a.geojson,placebo\n")
     out = tmp_path / "out"
-    r1 = score_folder(img, out=out, marker="CD163", progress=False, overlays=False)
-    r2 = score_folder(img, out=out, marker="CD163", progress=False, overlays=False,
-                      overrides=["cells.dab_threshold_1_od=0.05"])
-    assert r1.n_resumed == 0 and r2.n_resumed == 0  # new settings digest: scored again
+    r1 = score_folder(manifest=manifest, out=out, progress=False, parquet=True)
+    row = r1.slides.iloc[0]
+    assert (row["status"], row["patient"], row["arm"], row["mpp_source"]) == (
+        "ok", "P9", "placebo", "user")
+    # the excluded square (300 x 300 px = 150 µm = 0.0225 mm²) is removed from the analysis
+    assert 0.005 < row["excluded_area_mm2"] <= 0.0225 + 1e-9
+    assert row["analysed_area_mm2"] == pytest.approx(
+        row["tissue_area_mm2"] - row["excluded_area_mm2"])
+    cells = pd.read_csv(out / "cells.csv")
+    inside = cells["x_px"].between(110, 390) & cells["y_px"].between(110, 390)
+    assert len(cells) > 20 and not inside.any()
+    for table in ("slides", "cells", "fibers"):
+        pq = pd.read_parquet(out / f"{table}.parquet").replace("", np.nan)
+        pd.testing.assert_frame_equal(pq, pd.read_csv(out / f"{table}.csv"), check_dtype=False)
+    run = json.loads((out / "run.json").read_text())
+    assert run["slides"][0]["key"]["exclusions_sha256"] == file_sha256(tmp_path / "a.geojson")
+    # new settings -> scored again; same settings -> skipped; --force -> scored again
+    kw = {"manifest": manifest, "out": out, "progress": False, "overlays": False,
+          "overrides": ["cells.dab_threshold_1_od=0.05"]}
+    r2 = score_folder(**kw)
+    assert r2.n_resumed == 0
     assert r2.slides.loc[0, "cells_positive"] >= r1.slides.loc[0, "cells_positive"]
-    r3 = score_folder(img, out=out, marker="CD163", progress=False, overlays=False,
-                      overrides=["cells.dab_threshold_1_od=0.05"], force=True)
-    assert r3.n_resumed == 0
-    r4 = score_folder(img, out=out, marker="CD163", progress=False, overlays=False,
-                      overrides=["cells.dab_threshold_1_od=0.05"])
-    assert r4.n_resumed == 1
+    r3 = score_folder(**kw, force=True)
+    r4 = score_folder(**kw)
+    assert (r3.n_resumed, r4.n_resumed) == (0, 1)
     pd.testing.assert_frame_equal(r3.slides, r4.slides)
 
 
