@@ -421,6 +421,12 @@ def test_live_preview_of_visible_field(make_napari_viewer, qtbot, cd163_section)
     y0, y1, x0, x1 = widget._visible_box(widget.current_layer())
     assert (y1 - y0) * (x1 - x0) < 768 * 768  # only the visible field was scored
     assert tuple(prev.translate[-2:]) == pytest.approx((y0 * MPP, x0 * MPP))
+    # "estimate stains here" fixes vectors + background from the visible field
+    widget.estimate_stains_here()
+    st = widget.settings.stains
+    assert st.estimate is False and len(st.vectors) >= 2 and len(st.background) == 3
+    assert all(abs(np.linalg.norm(v) - 1) < 1e-6 for v in st.vectors[:2])
+    assert "visible field" in widget.stain_label.text()
     # a settings change refreshes it (debounced): a high DAB cut leaves fewer positive points
     n_before = int(prev.features["positive"].astype(bool).sum()) if len(prev.data) else 0
     widget.set_setting("cells.dab_threshold_1_od", 0.39)

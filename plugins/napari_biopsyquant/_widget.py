@@ -122,7 +122,7 @@ class ScoringWidget(QWidget):
         self.marker_combo = QComboBox()
         self.marker_combo.addItems(list(MARKERS))
         self.mpp_spin = QDoubleSpinBox()
-        self.mpp_spin.setDecimals(4)
+        self.mpp_spin.setDecimals(3)
         self.mpp_spin.setRange(0.0, 10.0)
         self.mpp_spin.setSingleStep(0.05)
         self.mpp_spin.setSuffix(" µm/px")
