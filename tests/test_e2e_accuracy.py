@@ -1,0 +1,228 @@
+"""End-to-end accuracy of ``score_image`` on generated sections against exact truth.
+
+Each section is rendered with stain-vector jitter, uneven illumination and JPEG and scored as
+a user runs it: ``score_image(rgb, marker=..., mpp=...)`` (per-image background and stain
+estimate, tissue, fibers, compartments, the marker analysis). Tolerances are the targets of
+issues #3 (fibers), #4 (CD163) and #5 (MHC-I, IL-1). A target the pipeline does not meet yet is
+``xfail(strict=True)`` with the module at fault, so fixing it turns the test red until the
+marker is removed. The full grid is ``benchmarks/validate_synthetic.py``
+(docs/_parts/e2e-validation.md).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from biopsyquant.evaluate import match_labels, match_points
+from biopsyquant.score import score_image
+
+synthetic = pytest.importorskip("biopsyquant.synthetic")
+
+#: seven generated sections (768² / 512²) scored end to end: ~40-60 s on a loaded 2-core machine
+pytestmark = pytest.mark.slow
+
+MPP = 0.5
+PERTURB = {"vector_jitter_deg": 3.0, "illumination": 0.10, "jpeg_quality": 85}
+SHAPE = (768, 768)
+
+
+def _section(marker, seed, shape=SHAPE, **kw):
+    return synthetic.generate_section(marker=marker, seed=seed, shape=shape, mpp=MPP,
+                                      **{**PERTURB, **kw})
+
+
+def _score(sec, marker):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return score_image(sec.rgb, marker=marker, mpp=MPP)
+
+
+def _truth_pixels(sec, mask):
+    v = sec.dab_od[mask]
+    w = np.mean((v >= 0.2) & (v < 0.4)) * 100
+    m = np.mean((v >= 0.4) & (v < 0.6)) * 100
+    s = np.mean(v >= 0.6) * 100
+    return w + m + s, w + 2 * m + 3 * s
+
+
+@pytest.fixture(scope="module")
+def cd163():
+    sec = _section("CD163", 12, cells_per_mm2=200)
+    return sec, _score(sec, "CD163")
+
+
+@pytest.fixture(scope="module")
+def cd163_zero():
+    sec = _section("CD163", 12, shape=(512, 512), cells_per_mm2=0)
+    return sec, _score(sec, "CD163")
+
+
+@pytest.fixture(scope="module")
+def mhc():
+    sec = _section("MHC-I", 12, positive_fiber_fraction=0.6)
+    return sec, _score(sec, "MHC-I")
+
+
+@pytest.fixture(scope="module")
+def il1b_series():
+    out = []
+    for e in (0.2, 0.5, 0.8):
+        sec = _section("IL-1b", 12, shape=(512, 512), expression=e)
+        out.append((e, sec, _score(sec, "IL-1b")))
+    return out
+
+
+# ----------------------------------------------------------------------------- whole pipeline
+def test_background_and_tissue_when_glass_peak_is_small():
+    """~15 % glass under uneven illumination: the glass peak is smaller than the tissue one.
+
+    Regression for stains.estimate_background taking pale tissue (~211) as the glass (~241)
+    when the half-maximum walk ran into the tissue plateau (fixed in 29ccaa3); tissue detection
+    then kept <15 % of the section and every downstream number collapsed.
+    """
+    sec = synthetic.generate_section(marker="CD163", seed=11, shape=(768, 768), mpp=MPP,
+                                     **PERTURB)
+    res = _score(sec, "CD163")
+    bg = np.asarray(res.stain_model.background, float)
+    assert np.max(np.abs(bg - np.asarray(sec.stain_model.background))) <= 6.0, bg
+    err = res.summary["tissue_area_mm2"] / sec.summary["tissue_area_mm2"] - 1
+    assert abs(err) <= 0.10, f"tissue area off by {err:+.0%}"
+
+
+def test_tissue_area_within_10pct(cd163):
+    sec, res = cd163
+    err = res.summary["tissue_area_mm2"] / sec.summary["tissue_area_mm2"] - 1
+    assert abs(err) <= 0.10
+
+
+# ----------------------------------------------------------------------------- fibers (#3)
+@pytest.mark.xfail(strict=True, reason=(
+    "fibers.segment_fibers: borders follow sarcoplasmic texture and some fibers are split or "
+    "missed; F1 at IoU>=0.5 ~0.75-0.85 on generated sections (target 0.90)"))
+def test_fiber_f1_at_iou_05(cd163):
+    sec, res = cd163
+    m = match_labels(res.labels["fibers"], sec.fibers, iou=0.5)
+    assert m.f1 >= 0.90, f"fiber F1 {m.f1:.3f}"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "fibers.segment_fibers: accepts pale connective-tissue regions (wide endomysium / "
+    "perivascular tissue, 50-1250 um2) as fibers and misses a few; count +12 % here"))
+def test_fiber_count_within_5pct(cd163):
+    sec, res = cd163
+    n_true = int(sec.fibers.max())
+    assert abs(res.summary["n_fibers"] / n_true - 1) <= 0.05, (res.summary["n_fibers"], n_true)
+
+
+def test_fiber_median_area_within_10pct(cd163):
+    sec, res = cd163
+    ft = sec.fiber_truth
+    t_med = np.median(ft.loc[~ft["touches_image_edge"].astype(bool), "area_um2"])
+    fb = res.fibers
+    m_med = np.median(fb.loc[~fb["touches_edge"].astype(bool), "area_um2"])
+    assert abs(m_med / t_med - 1) <= 0.10, (m_med, t_med)
+
+
+# ----------------------------------------------------------------------------- CD163 (#4)
+def test_cd163_detection_f1(cd163):
+    sec, res = cd163
+    pos = res.cells[res.cells["positive"].astype(bool)]
+    tc = sec.cells
+    tpos = tc[(tc["kind"] == "macrophage") & tc["positive"].astype(bool)]
+    m = match_points(pos[["x_px", "y_px"]].to_numpy(float),
+                     tpos[["x_px", "y_px"]].to_numpy(float), 6.0 / MPP)
+    assert m.f1 >= 0.90, f"cell F1 {m.f1:.3f} (tp {m.tp}, fp {m.fp}, fn {m.fn})"
+
+
+def test_cd163_density_within_10pct(cd163):
+    sec, res = cd163
+    dens, t = res.summary["cells_per_mm2"], sec.summary["positive_cells_per_mm2"]
+    assert abs(dens / t - 1) <= 0.10, (dens, t)
+
+
+def test_cd163_no_macrophages_few_false_positives(cd163_zero):
+    sec, res = cd163_zero
+    fp = int(res.cells["positive"].astype(bool).sum()) if len(res.cells) else 0
+    assert fp / sec.summary["tissue_area_mm2"] < 2.0, f"{fp} positive cells on a section without"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "compartments.compartment_map vs synthetic truth: the generator labels wide in-fascicle "
+    "gaps (>15 um, next to septa) endomysium while compartment_map calls any non-fiber tissue "
+    "wider than perimysium_min_width_um perimysium; with the segmented fibers ~1/3 of true "
+    "endomysial macrophages are counted perimysial"))
+def test_cd163_endomysial_count_within_20pct(cd163):
+    sec, res = cd163
+    meas, t = res.summary["cells_endomysial"], sec.summary["n_positive_cells_endomysium"]
+    assert abs(meas / t - 1) <= 0.20, (meas, t)
+
+
+# ----------------------------------------------------------------------------- MHC-I (#5)
+@pytest.mark.xfail(strict=True, reason=(
+    "fibers.segment_fibers -> mhc: false 'fibers' in connective tissue (scored negative) "
+    "inflate the denominator and a few stained fibers are not segmented; on the truth fiber "
+    "labels mhc.measure is exact"))
+def test_mhc_percent_positive_within_5_points(mhc):
+    sec, res = mhc
+    d = res.summary["fibers_positive_pct"] - sec.summary["positive_fiber_pct"]
+    assert abs(d) <= 5.0, f"% positive fibers off by {d:+.1f} points"
+
+
+def test_mhc_no_capillary_counted_as_positive_fiber(mhc):
+    sec, res = mhc
+    lab = res.labels["fibers"]
+    vessels = sec.compartments == 4
+    yy, xx = np.mgrid[:lab.shape[0], :lab.shape[1]]
+    for v in sec.vessels.itertuples():
+        if v.kind == "capillary":
+            vessels |= (yy - v.y_px) ** 2 + (xx - v.x_px) ** 2 <= (v.diameter_um / 2 / MPP) ** 2
+    fb = res.fibers
+    bad = []
+    for fid in fb.loc[fb["mhc_positive"].fillna(False).astype(bool), "fiber_id"]:
+        reg = lab == fid
+        if np.mean(sec.fibers[reg] > 0) < 0.5 and np.any(reg & vessels):
+            bad.append(int(fid))
+    assert not bad, f"positive 'fibers' on capillaries/vessels: {bad}"
+
+
+# ----------------------------------------------------------------------------- IL-1 (#5)
+def test_il1_positive_area_within_3_points(il1b_series):
+    for e, sec, res in il1b_series:
+        area, _ = _truth_pixels(sec, sec.tissue)
+        assert abs(res.summary["positive_area_pct"] - area) <= 3.0, (
+            e, res.summary["positive_area_pct"], area)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "stains.estimate_stains: with little DAB on the slide (IL-1b here, H-score ~2) the "
+    "estimated DAB vector is ~3 deg off the true one even on a clean render, H-score +14-17 %; "
+    "with the true stain model the same pipeline is within 4 %"))
+def test_il1_h_score_within_10pct(il1b_series):
+    for e, sec, res in il1b_series:
+        _, h = _truth_pixels(sec, sec.tissue)
+        assert abs(res.summary["h_score"] / h - 1) <= 0.10, (e, res.summary["h_score"], h)
+
+
+def test_il1_spearman_with_expression(il1b_series):
+    e = [x[0] for x in il1b_series]
+    a = [x[2].summary["positive_area_pct"] for x in il1b_series]
+    assert spearmanr(e, a).statistic >= 0.95
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "fibers.segment_fibers: granular sarcoplasmic DAB patches (IL-1) are cut out of the fibers "
+    "(dark patches read as boundary), so positive fiber pixels land in the interstitium"))
+def test_il1_fiber_interstitium_split(il1b_series):
+    e, sec, res = il1b_series[-1]
+    fib = sec.compartments == 1
+    t_fib, _ = _truth_pixels(sec, sec.tissue & fib)
+    t_int, _ = _truth_pixels(sec, sec.tissue & ~fib)
+    sm = res.summary
+    assert abs(sm["positive_area_pct_fibers"] - t_fib) <= 3.0, (sm["positive_area_pct_fibers"],
+                                                                t_fib)
+    assert abs(sm["positive_area_pct_interstitium"] - t_int) <= 3.0, (
+        sm["positive_area_pct_interstitium"], t_int)
