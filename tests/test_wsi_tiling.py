@@ -89,3 +89,26 @@ def test_mhc_fibers_same_whole_and_tiled(slides):
     assert abs(w["fibers_positive"] - t["fibers_positive"]) <= max(1, 0.01 * w["fibers_positive"])
     assert abs(w["fibers_positive_pct"] - t["fibers_positive_pct"]) <= 1.0
     assert w["mhc_grade_0_5"] == t["mhc_grade_0_5"]
+
+
+def test_small_slide_scores_like_score_image(tmp_path):
+    """Below the tiling threshold score_slide is score_image: same numbers, same objects."""
+    from test_batch_files import write_plain_tiff
+
+    from biopsyquant.score import score_image
+
+    path = write_plain_tiff(tmp_path / "s.tif", section_rgb("CD163", 3, 512), 0.5)
+    with open_slide(path) as slide:
+        a = score_image(slide, marker="CD163")
+        b = score_slide(slide, marker="CD163")
+    assert a.summary["cells_detected"] > 10
+    assert b.provenance["tiling"]["tiled"] is False
+    assert a.stain_model.to_dict() == b.stain_model.to_dict()
+    assert a.summary.keys() == b.summary.keys()
+    for k, v in a.summary.items():
+        if isinstance(v, float) and np.isnan(v):
+            assert np.isnan(b.summary[k]), k
+        else:
+            assert b.summary[k] == v, k
+    pd_cols = ["x_px", "y_px", "grade"]
+    assert np.array_equal(a.cells[pd_cols].to_numpy(), b.cells[pd_cols].to_numpy())
