@@ -36,6 +36,19 @@ def cd163_section():
 
 
 @pytest.fixture(scope="module")
+def cd163_ref(cd163_section):
+    """The library's result for the section (compared with the session and the widget)."""
+    return score_image(cd163_section.rgb, marker="CD163", mpp=MPP, name="P99_baseline_CD163")
+
+
+@pytest.fixture(scope="module")
+def cd163_left(cd163_section):
+    """The library's result with the left half of the section excluded."""
+    return score_image(cd163_section.rgb, marker="CD163", mpp=MPP,
+                       exclusions=[_left_half(cd163_section.rgb.shape)])
+
+
+@pytest.fixture(scope="module")
 def cd163_file(cd163_section, tmp_path_factory):
     """The section as a TIFF with its pixel size, named like a batch input."""
     path = tmp_path_factory.mktemp("slides") / "P99_baseline_CD163.tif"
@@ -142,23 +155,24 @@ def test_writers_round_trip(tmp_path):
 
 
 # ---------------------------------------------------------------------- review session
-def _session(section, **kw):
+def _session(section, name="cd163", **kw):
     return ReviewSession(image=section.rgb, settings=load_settings("CD163"), mpp=section.mpp,
-                         mpp_source="user", name="cd163", **kw)
+                         mpp_source="user", name=name, **kw)
 
 
-def test_session_scores_exactly_like_the_library(cd163_section):
-    s = _session(cd163_section)
+def test_session_scores_exactly_like_the_library(cd163_section, cd163_ref):
+    s = _session(cd163_section, name="P99_baseline_CD163")
     res = s.score()
-    ref = score_image(cd163_section.rgb, marker="CD163", mpp=cd163_section.mpp, name="cd163")
+    ref = cd163_ref
     assert res.summary["cells_positive"] == ref.summary["cells_positive"]
     _same_summary(res.summary, ref.summary)
 
 
-def test_exclusion_lowers_count_and_area(cd163_section):
+def test_exclusion_lowers_count_and_area(cd163_section, cd163_ref, cd163_left):
     s = _session(cd163_section)
-    full = s.score().summary
+    full = cd163_ref.summary
     excl = s.set_exclusions([_left_half(cd163_section.rgb.shape)]).summary
+    _same_summary(excl, cd163_left.summary, keys=[k for k in excl if k != "slide"])
     # the left half holds about half of the tissue: analysed area drops by 35-65 %
     assert 0.35 * full["analysed_area_mm2"] < excl["analysed_area_mm2"] \
         < 0.65 * full["analysed_area_mm2"]
@@ -285,7 +299,7 @@ def _wait(qtbot, worker, timeout=120_000):
 @gui
 @pytest.mark.gui
 def test_widget_scores_edits_excludes_and_exports(make_napari_viewer, qtbot, cd163_section,
-                                                  tmp_path):
+                                                  cd163_ref, cd163_left, tmp_path):
     viewer = make_napari_viewer()
     layer = _add_section(viewer, cd163_section, "P99_baseline_CD163")
     _, widget = viewer.window.add_plugin_dock_widget("biopsyquant", "Score IHC")
@@ -297,7 +311,7 @@ def test_widget_scores_edits_excludes_and_exports(make_napari_viewer, qtbot, cd1
     worker = widget.score_current()
     _wait(qtbot, worker)
     session = widget.sessions[id(layer)]
-    ref = score_image(cd163_section.rgb, marker="CD163", mpp=MPP, name="P99_baseline_CD163")
+    ref = cd163_ref
     _same_summary(session.result.summary, ref.summary,
                   keys=[k for k in ref.summary if k != "mpp_source"])
     pts = next(ly for ly in viewer.layers if ly.name == "P99_baseline_CD163 cells")
@@ -323,8 +337,7 @@ def test_widget_scores_edits_excludes_and_exports(make_napari_viewer, qtbot, cd1
     qtbot.waitUntil(lambda: session.result.summary["analysed_area_mm2"] < 0.7 * area_before,
                     timeout=120_000)
     qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
-    ref_ex = score_image(cd163_section.rgb, marker="CD163", mpp=MPP,
-                         exclusions=[_left_half((h, w))])
+    ref_ex = cd163_left
     assert session.result.summary["cells_positive"] == ref_ex.summary["cells_positive"]
     assert session.result.summary["analysed_area_mm2"] == pytest.approx(
         ref_ex.summary["analysed_area_mm2"])
