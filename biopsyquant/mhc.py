@@ -243,7 +243,8 @@ def _outline(labels, out):
 
 
 @njit(**_JIT)
-def _fiber_stats(labels, dab, mask, din, dout, near, pale, edge, rim_in, rim_out, ring_w,
+def _fiber_stats(labels, dab, mask, din, dout, nearest, owner, pale, edge, rim_in, rim_out,
+                 ring_w,
                  n_ring, lo, inv_w, nb, ring_hist, int_hist, npx, nana, npale, maxdist,
                  minedge):
     h, w = labels.shape
@@ -257,7 +258,7 @@ def _fiber_stats(labels, dab, mask, din, dout, near, pale, edge, rim_in, rim_out
                 d = dout[i, j]
                 if d > rim_out:
                     continue
-                lab = near[i, j]
+                lab = owner[nearest[i, j]]
                 if lab <= 0:
                     continue
                 k = int((d + rim_in) / ring_w)
@@ -389,15 +390,15 @@ def score_fibers_mhc(fiber_labels: np.ndarray, dab_od: np.ndarray, *, mpp: float
     n_ring = int((rim_in + rim_out) / ring_w) + 1
     outside = (labels == 0).view(np.uint8)
     if rim_out > 0 and outside.any():
-        dout, nl = cv2.distanceTransformWithLabels(outside, cv2.DIST_L2, 5,
-                                                   labelType=cv2.DIST_LABEL_PIXEL)
-        # DIST_LABEL_PIXEL numbers the zero pixels (the fiber pixels) in raster order
+        dout, nearest = cv2.distanceTransformWithLabels(outside, cv2.DIST_L2, 5,
+                                                        labelType=cv2.DIST_LABEL_PIXEL)
+        # DIST_LABEL_PIXEL numbers the zero pixels (the fiber pixels) in raster order:
+        # owner[k] is the fiber of the k-th one
         owner = np.concatenate([[0], labels[labels > 0]]).astype(np.int32)
-        near = owner[np.minimum(nl, len(owner) - 1)]
-        del nl
     else:
         dout = np.full(shape, np.inf, np.float32)
-        near = np.zeros(shape, np.int32)
+        nearest = np.zeros(shape, np.int32)
+        owner = np.zeros(1, np.int32)
     pale = np.zeros(shape, np.uint8)
     if rgb is not None:
         rgb = np.ascontiguousarray(rgb)
@@ -421,10 +422,11 @@ def score_fibers_mhc(fiber_labels: np.ndarray, dab_od: np.ndarray, *, mpp: float
     maxdist = np.zeros(n + 1, np.float32)
     minedge = np.full(n + 1, np.inf, np.float32)
     _fiber_stats(labels, dab, mask, din, np.ascontiguousarray(dout, np.float32),
-                 np.ascontiguousarray(near, np.int32), pale, edge, np.float32(rim_in),
+                 np.ascontiguousarray(nearest, np.int32), owner, pale, edge, np.float32(rim_in),
                  np.float32(rim_out), np.float32(ring_w), n_ring, np.float32(_H_LO),
                  np.float32(1 / _H_W), _H_N, ring_hist, int_hist, npx, nana, npale, maxdist,
                  minedge)
+    del din, dout, nearest, owner, pale, edge
     ids = np.flatnonzero(npx)
     ids = ids[ids > 0]
     rh, ih = ring_hist[ids], int_hist[ids]
