@@ -47,6 +47,8 @@ PERTURB = {"vector_jitter_deg": 3.0, "illumination": 0.10, "jpeg_quality": 85}
 REBATCH = {"vector_jitter_deg": 5.0, "illumination": 0.15, "jpeg_quality": 80,
            "background": (226.0, 231.0, 238.0), "dab_strength": 1.0}
 MPP = 0.5
+#: everything from this line on in the output file is kept when the tables are regenerated
+FINDINGS_MARKER = "<!-- findings (hand-written, kept on re-run) -->"
 CELL_RADIUS_UM = 6.0
 THRESH = (0.2, 0.4, 0.6)
 
@@ -542,7 +544,12 @@ def main(argv=None) -> int:
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n", encoding="utf-8")
+        keep = ""
+        if args.out.exists():  # hand-written findings below the marker survive a re-run
+            old = args.out.read_text(encoding="utf-8")
+            if FINDINGS_MARKER in old:
+                keep = "\n" + old[old.index(FINDINGS_MARKER):]
+        args.out.write_text(text + "\n" + keep, encoding="utf-8")
         print(f"wrote {args.out}")
     return 0
 
