@@ -371,6 +371,17 @@ def test_results_stay_on_their_layer_and_table_centres_view(make_napari_viewer, 
     assert not any(ly.name == "B_baseline_CD163 cells" for ly in viewer.layers)
     assert "cells_positive" in a.metadata["biopsyquant_summary"]
     assert "biopsyquant_summary" not in b.metadata
+    # an image without detections (blank glass) gives an empty cells layer, not an error
+    blank = viewer.add_image(np.full((256, 256, 3), 235, np.uint8), rgb=True,
+                             name="blank_glass_CD163", scale=(MPP, MPP))
+    widget.layer_combo.setCurrentText(blank.name)
+    worker = widget.score_current()
+    _wait(qtbot, worker)
+    empty = next(ly for ly in viewer.layers if ly.name == "blank_glass_CD163 cells")
+    assert len(empty.data) == 0 and blank.metadata["biopsyquant_summary"]["cells_positive"] == 0
+    empty.add(np.array([[100.0, 100.0]]))  # a manual cell on an empty layer counts
+    assert widget.sessions[id(blank)].summary()["cells_added_manual"] == 1
+    widget.layer_combo.setCurrentText(a.name)
     # selecting a row centres the view on that object
     from napari_biopsyquant._widget import _camera
 

@@ -90,6 +90,13 @@ def _units(layer) -> dict:
     return {"units": tuple(str(u) for u in units[-2:])} if units is not None else {}
 
 
+def _face_colors(cells, by: str):
+    """Per-point RGBA, or one colour when there are no points (napari rejects an empty
+    colour array); the single colour is the 1+ grade, given to cells the user adds."""
+    cols = cell_colors(cells, by)
+    return cols if len(cols) else np.asarray(GRADE_COLORS[1], float)
+
+
 def _direct_cmap(colors: dict) -> DirectLabelColormap:
     return DirectLabelColormap(color_dict={**_TRANSPARENT, **colors})
 
@@ -537,8 +544,8 @@ class ScoringWidget(QWidget):
             data, feats = points_data(res.cells)
             self.viewer.add_points(data, features=feats, name=name, scale=scale,
                                    translate=translate, **_units(layer), size=8, border_width=0,
-                                   face_color=cell_colors(res.cells,
-                                                          self.color_combo.currentText()))
+                                   face_color=_face_colors(res.cells,
+                                                           self.color_combo.currentText()))
         elif "dab_class" in res.labels:
             self.viewer.add_labels(res.labels["dab_class"].astype(np.uint8), name=name,
                                    scale=scale, translate=translate, **_units(layer), opacity=0.7,
@@ -740,7 +747,7 @@ class ScoringWidget(QWidget):
             name=f"{layer.name} cells", scale=tuple(layer.scale[-2:]),
             translate=tuple(layer.translate[-2:]), **_units(layer), size=size, border_width=0.15,
             border_width_is_relative=True, border_color="white",
-            face_color=cell_colors(table, self.color_combo.currentText()))
+            face_color=_face_colors(table, self.color_combo.currentText()))
         pts.metadata["biopsyquant_cells_of"] = layer.name
         pts.events.data.connect(lambda e, ly=layer, p=pts: self._on_points_edited(ly, p, e))
         return pts
@@ -773,7 +780,7 @@ class ScoringWidget(QWidget):
         try:  # give added points their measured grade / DAB and colour
             table = session.cells_table(include_deleted=False)
             _, feats = points_data(table)
-            if len(feats) == len(pts.data):
+            if len(feats) == len(pts.data) and len(feats):
                 pts.features = feats
                 pts.feature_defaults = feature_defaults(feats)
                 pts.face_color = cell_colors(table, self.color_combo.currentText())
@@ -792,7 +799,7 @@ class ScoringWidget(QWidget):
             if pts is None or session is None or pts not in self.viewer.layers:
                 continue
             table = session.cells_table(include_deleted=False)
-            if len(table) == len(pts.data):
+            if len(table) == len(pts.data) and len(table):
                 pts.face_color = cell_colors(table, by)
 
     def _fill_tables(self, layer, session: ReviewSession) -> None:
