@@ -479,12 +479,14 @@ def _overview_pieces(task: TileTask, labels: dict, fibers: pd.DataFrame) -> dict
     out: dict[str, Any] = {}
     lab = labels.get("fibers")
     if lab is not None:
-        samp = lab[np.ix_(sy, sx)]
+        samp = lab[sy][:, sx]
         edge = np.zeros(samp.shape, bool)
-        edge[:-1] |= samp[:-1] != samp[1:]
-        edge[1:] |= samp[:-1] != samp[1:]
-        edge[:, :-1] |= samp[:, :-1] != samp[:, 1:]
-        edge[:, 1:] |= samp[:, :-1] != samp[:, 1:]
+        dv = samp[:-1] != samp[1:]
+        dh = samp[:, :-1] != samp[:, 1:]
+        edge[:-1] |= dv
+        edge[1:] |= dv
+        edge[:, :-1] |= dh
+        edge[:, 1:] |= dh
         edge &= samp > 0
         code = (samp > 0).astype(np.uint8)
         col = task.fiber_class_column
