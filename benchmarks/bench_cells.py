@@ -6,7 +6,7 @@ The section is a generated CD163 section (2048 x 2048 at 0.5 µm/px, 300 cells/m
 cluster) mirrored 2 x 2 to the requested size. Prints, for ``detect_cells`` on precomputed OD
 maps (the part this module owns) and for the whole ``cells.measure`` step with colour
 deconvolution: median seconds, Mpx/s, cells/s, and the peak memory of the Python-side numpy
-allocations (tracemalloc) per pixel.
+allocations (tracemalloc) per pixel, plus a GaussianBlur reference to judge machine load.
 """
 
 from __future__ import annotations
@@ -58,6 +58,18 @@ def main() -> None:
     dab = np.ascontiguousarray(od[..., model.index("dab")])
     del od
     mpx = rgb.shape[0] * rgb.shape[1] / 1e6
+
+    # load reference: OpenCV GaussianBlur sigma 2 (../shared/perf-facts.md: ~159 Mpx/s, 1 thread,
+    # ~266 Mpx/s 2 threads on a quiet machine of this kind)
+    import cv2
+
+    ref = []
+    for _ in range(3):
+        t = time.perf_counter()
+        cv2.GaussianBlur(hema, (13, 13), 2.0)
+        ref.append(time.perf_counter() - t)
+    print(f"reference cv2.GaussianBlur sigma 2: {mpx / float(np.median(ref)):.0f} Mpx/s "
+          f"(perf-facts: 159-266 on a quiet machine)")
 
     cells.detect_cells(hema[:512, :512], dab[:512, :512], mpp=mpp, params=settings.cells)  # warm
     times = []
