@@ -1,6 +1,10 @@
 """Benchmark of fiber segmentation, the fiber table and the compartment map (4096 x 4096).
 
 Run:  .venv/bin/python benchmarks/bench_fibers.py [--size 4096] [--repeat 3] [--mpp 0.5]
+      .venv/bin/python benchmarks/bench_fibers.py --accuracy [--realdata ../shared/realdata]
+
+``--accuracy`` instead prints the accuracy tables of docs/_parts/fibers-validation.md
+(synthetic sections vs their truth, real H&E sections vs Cellpose masks).
 
 The section is a generated MHC-I section (size/2 squared at ``--mpp`` µm/px, JPEG q85) mirrored
 2 x 2 to the requested size. Prints, for ``segment_fibers``, ``fiber_table`` (with internal
@@ -17,6 +21,7 @@ import resource
 import statistics
 import time
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 
@@ -47,12 +52,72 @@ def _timed(fn, repeat: int):
     return statistics.median(times), peak, out
 
 
+ACCURACY_CASES = [("MHC-I", 1, {}), ("CD163", 2, {}),
+                  ("MHC-I", 3, {"vector_jitter_deg": 8, "jpeg_quality": 80}),
+                  ("IL-1b", 4, {"jpeg_quality": 75}), ("CD163", 5, {"vector_jitter_deg": 10}),
+                  ("HE", 6, {"jpeg_quality": 85})]
+
+
+def accuracy(realdata: str) -> None:
+    """Print the fiber / compartment accuracy tables (synthetic and real H&E)."""
+    from pathlib import Path
+
+    from biopsyquant.compartments import compartment_map
+    from biopsyquant.evaluate import match_labels
+    from biopsyquant.fibers import segment_fibers
+    from biopsyquant.stains import preset
+    from biopsyquant.synthetic import generate_section
+
+    def med(lab):
+        a = np.bincount(lab.ravel())[1:]
+        return a[a > 0]
+
+    print("| marker | seed | options | true | found | precision | recall | F1 | count | "
+          "median area | compartments (true fibers) | compartments (segmented) |")
+    for marker, seed, opt in ACCURACY_CASES:
+        s = generate_section(marker=marker, seed=seed, shape=(1024, 1024), mpp=0.5, **opt)
+        lab = segment_fibers(s.rgb, mpp=s.mpp, model=preset("H-E") if marker == "HE" else None)
+        r = match_labels(lab, s.fibers)
+        pa, ga = med(lab), med(s.fibers)
+        acc = []
+        for fl in (s.fibers, lab):
+            c = compartment_map(fl, s.tissue, mpp=s.mpp, hema_od=s.hema_od, dab_od=s.dab_od)
+            m = (s.compartments > 0) | (c > 0)
+            acc.append((c[m] == s.compartments[m]).mean())
+        print(f"| {marker} | {seed} | {opt or 'defaults'} | {len(ga)} | {len(pa)} | "
+              f"{r.precision:.3f} | {r.recall:.3f} | {r.f1:.3f} | {len(pa) / len(ga) - 1:+.1%} | "
+              f"{np.median(pa) / np.median(ga) - 1:+.1%} | {acc[0]:.3f} | {acc[1]:.3f} |")
+    d = Path(realdata) / "he_muscle_centralnuclei"
+    if not d.is_dir():
+        print(f"(real data not found at {d})")
+        return
+    from skimage.io import imread
+
+    for name, model in (("H-E preset", preset("H-E")), ("default", None)):
+        for i in (1, 2, 3, 4):
+            rgb = np.ascontiguousarray(imread(d / "images" / f"sample_img_0{i}.png")[..., :3])
+            gt = imread(d / "cellpose_masks" / f"sample_img_0{i}_cp_masks.png").astype(np.int32)
+            lab = segment_fibers(rgb, mpp=0.2765, model=model)
+            r = match_labels(lab, gt)
+            pa, ga = med(lab), med(gt)
+            print(f"| {name} | sample_img_0{i} | {len(ga)} | {len(pa)} | {r.tp} | "
+                  f"{r.precision:.3f} | {r.recall:.3f} | {r.f1:.3f} | "
+                  f"{np.median(pa) * 0.2765**2:.0f} | {np.median(ga) * 0.2765**2:.0f} | "
+                  f"{np.median(pa) / np.median(ga) - 1:+.1%} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--mpp", type=float, default=0.5)
+    ap.add_argument("--accuracy", action="store_true")
+    ap.add_argument("--realdata", default=str(Path(__file__).resolve().parents[2] / "shared"
+                                                / "realdata"))
     args = ap.parse_args()
+    if args.accuracy:
+        accuracy(args.realdata)
+        return
 
     from biopsyquant.compartments import compartment_map
     from biopsyquant.fibers import fiber_table, segment_fibers

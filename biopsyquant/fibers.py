@@ -140,13 +140,13 @@ class FiberParams:
     boundary_weak: float = 0.6
     pale_line_weight: float = 1.0
     min_core_fraction: float = 0.5
-    min_inscribed_fraction: float = 0.6
+    min_inscribed_fraction: float = 0.8
     line_smoothing_um: float = 1.0
     pale_fraction: float = 0.45
     texture_max: float = 0.35
     texture_um: float = 2.0
     hole_max_area_um2: float = 150.0
-    split_depth_um: float = 1.5
+    split_depth_um: float = 3.5
     merge_neck_ratio: float = 0.75
     min_solidity: float = 0.75
     max_hole_fraction: float = 0.15

@@ -52,7 +52,7 @@ def test_agreement_with_cellpose_he_model(results):
         r = match_labels(he, masks, iou=0.5)
         f1.append(r.f1)
         assert r.f1 >= 0.68, (_i, r)
-        assert 0.65 <= _median_area_ratio(he, masks) <= 1.15
+        assert 0.65 <= _median_area_ratio(he, masks) <= 1.25
     assert np.mean(f1) >= 0.80
 
 
