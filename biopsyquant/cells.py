@@ -3,24 +3,28 @@
 The engine follows QuPath's *positive cell detection*, with every size in µm and every
 threshold in log10 OD relative to the slide background:
 
-1. **detection image**: hematoxylin OD, DAB OD, or their sum (``detection_channel``), smoothed
-   with a Gaussian of ``smoothing_sigma_um``; a grey opening of ``background_radius_um``
-   (structures narrower than that survive) is subtracted so that slowly varying non-specific
-   stain and illumination residue are not cells;
-2. **foreground**: detection image > ``detection_threshold_od`` inside the analysed mask;
-3. **splitting touching cells**: markers at the local maxima of the smoothed distance transform
-   (at least ``cell_min_diameter_um`` apart; markers joined without a neck are merged), every
-   foreground pixel assigned to the nearest marker of its blob;
+1. **detection image** (``detection_channel``): hematoxylin, DAB, their sum (``"od_sum"``), or
+   two passes (``"dab+hematoxylin"``: DAB-stained cell bodies, then hematoxylin nuclei outside
+   them as negative cells); smoothed with a Gaussian of ``smoothing_sigma_um`` minus a grey
+   opening of ``background_radius_um``, so that slowly varying non-specific stain and
+   illumination residue are not cells;
+2. **foreground**: detection image > threshold inside the analysed mask, small holes filled;
+3. **splitting touching cells**: markers at the local maxima of the smoothed distance transform,
+   optionally weighted by the stain or by hematoxylin (one marker per nucleus), at least
+   ``cell_min_diameter_um`` apart, merged when joined without a neck; every foreground pixel
+   goes to the nearest marker of its blob; oversized blobs are re-thresholded at their own Otsu
+   level; stained cells get a half-maximum edge (``boundary_fraction``);
 4. objects outside ``min_area_um2`` – ``max_area_um2`` are dropped; the **cell** is the object
    grown by ``cell_expansion_um`` (nearest object wins); the **cytoplasm** is cell − object;
 5. **DAB is measured** in ``compartment`` (``"nucleus"`` = the detected object, ``"cytoplasm"``,
    ``"cell"``) and each cell is graded 0 (negative) / 1+ / 2+ / 3+ at
-   ``dab_threshold_1_od`` / ``_2_od`` / ``_3_od`` (QuPath defaults 0.2 / 0.4 / 0.6).
+   ``dab_threshold_1_od`` / ``_2_od`` / ``_3_od`` (QuPath defaults 0.2 / 0.4 / 0.6); optional
+   guards: local DAB contrast and a nucleus inside every positive cell.
 
-The CD163 preset detects on hematoxylin + DAB (a macrophage is a DAB-stained cell body around
-its nucleus) with markers 8–20 µm apart; DAB-negative interstitial nuclei and myonuclei are
-detected too and kept as negative cells. The Ki-67 preset detects nuclei on hematoxylin + DAB
-and measures nuclear DAB.
+The CD163 preset uses the two-pass mode (membranous/cytoplasmic macrophages 8–20 µm); DAB-negative
+interstitial nuclei and myonuclei are kept as negative cells. The Ki-67 preset detects nuclei on
+the OD sum and measures nuclear DAB. Details and validation: ``docs/_parts/cells-method.md``,
+``docs/_parts/cells-validation.md``.
 
 :func:`measure` runs on an image or a tile (objects in tile pixel coordinates; the caller keeps
 the cells whose centroid lies in the tile's owned core) and :func:`summarize` computes every
@@ -547,8 +551,8 @@ def measure(ctx: ImageContext) -> Measurements:
     if ctx.mpp is None:  # physical columns are unknown
         for col in ("area_um2", "diameter_um", "object_area_um2"):
             cells[col] = np.nan
-    counts = {"cells_detected_raw": int(len(cells))}
-    return Measurements(cells=cells, counts=counts, labels={"cells": labels})
+    # no additive counts: every cell number is derived in `summarize` from the owned cells
+    return Measurements(cells=cells, counts={}, labels={"cells": labels})
 
 
 def find_clusters(xy_um: np.ndarray, *, distance_um: float, min_cells: int) -> np.ndarray:
