@@ -523,6 +523,8 @@ def measure(ctx: ImageContext) -> Measurements:
     fib = score_fibers_mhc(ctx.fibers, ctx.dab_od, mpp=mpp, params=p, analysed=ctx.analysed,
                            rgb=ctx.rgb, background=ctx.stain_model.background,
                            compartments=ctx.compartments)
+    if not ctx.mpp:  # sizes ran on the assumed pixel size; physical columns are unknown
+        fib["perimysium_distance_um"] = np.nan
     comp = np.asarray(ctx.compartments)
     region = np.asarray(ctx.analysed, bool) & code_mask(comp, p.capillary_codes)
     ves = positive_vessels(ctx.dab_od, region=region, mpp=mpp, own=ctx.own,

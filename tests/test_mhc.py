@@ -345,3 +345,11 @@ def test_outline_inside_the_stained_membrane(gap_um):
     # the rim value is the stained membrane's OD, found outside the outline
     np.testing.assert_allclose(f.loc[s["positive"], "rim_dab_od"], 0.5, atol=0.05)
     assert (f.loc[~s["positive"], "rim_dab_od"] < 0.1).all()
+
+
+def test_unknown_mpp_keeps_calls_but_no_physical_columns():
+    s = make_scene(seed=13, pos_frac=0.4, perimysium_cols=1)
+    f = mhc.measure(make_ctx(s, mpp=None)).fibers.sort_values("fiber_id")
+    np.testing.assert_array_equal(f["mhc_positive"].to_numpy(bool), s["positive"])
+    assert f["perimysium_distance_um"].isna().all()
+    assert f["perifascicular"].any()  # the flag still uses the assumed pixel size
