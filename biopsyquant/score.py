@@ -252,7 +252,9 @@ def measure_image(
     else:  # non-muscle tissue: everything analysed is one "interstitial" compartment
         fibers = np.zeros(shape, np.int32)
         compartments = np.where(analysed, np.uint8(2), np.uint8(0))
-    ftab = fiber_table(fibers, mpp=mpp, hema_od=hema, tissue=tissue, exclusion=excluded)
+    ftab = fiber_table(fibers, mpp=mpp, hema_od=hema, tissue=tissue, exclusion=excluded,
+                       compartments=compartments if settings.scoring.segment_fibers else None,
+                       params=settings.fibers)
     ctx = ImageContext(rgb=rgb, mpp=mpp, size_mpp=size_mpp, stain_model=stain_model,
                        hema_od=hema, dab_od=dab, tissue=tissue, excluded=excluded,
                        analysed=analysed, fibers=fibers, fiber_table=ftab,
