@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 #: the analysis section shown in the settings form per analysis kind
 FORM_SECTION = {"cells": "cells", "mhc": "mhc", "pixels": "pixels"}
 #: longest side (level-0 px) of the field scored by the live preview
-PREVIEW_MAX_PX = 768
+PREVIEW_MAX_PX = 512
 #: debounce of the live preview and of re-scoring after an exclusion is drawn (ms)
 PREVIEW_DELAY_MS = 300
 EXCLUSION_DELAY_MS = 600
