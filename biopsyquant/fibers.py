@@ -9,14 +9,16 @@ classical pipeline works for H-DAB immunohistochemistry and for H&E:
 2. total optical density (log10, relative to the slide background) and its thin structures:
    lines narrower than ``endomysium_um`` that are darker *or* paler than their surroundings
    (endomysium, nuclei, DAB rims, cracks) form the boundary map;
-3. fiber candidates = tissue that is not boundary, not much paler than the typical fiber and
-   not coarsely textured; holes up to nucleus size (internal nuclei) are filled;
-4. touching fibers are split by a marker watershed on the distance transform (h-maxima
+3. fiber cores = tissue that is neither boundary nor much paler than the typical fiber; holes
+   up to nucleus size (internal nuclei) are filled;
+4. touching cores are split by a marker watershed on the distance transform (h-maxima
    markers), over-split blobs are merged back when their shared border is as wide as the
-   smaller part, and objects implausible as fibers (too small, too large, ring-shaped vessel
-   walls, ragged) are dropped;
-5. fibers grow back over the thin boundary pixels by ``grow_um`` and the labels are scaled up
-   to the input resolution.
+   smaller part;
+5. cores grow to the fiber edge by a watershed on edge strength (at most ``grow_um``), competing
+   with a background seed on glass, pale tissue and the centre lines of the boundaries (so the
+   endomysium stays non-fiber); objects implausible as fibers (too small, too large, too thin,
+   ring-shaped vessel walls, ragged, mostly grown rather than core) are dropped and the labels
+   are scaled up to the input resolution.
 
 All sizes are in µm and converted with the image's microns-per-pixel ``mpp``.
 """
@@ -86,19 +88,35 @@ class FiberParams:
     endomysium_um : float
         Widest line (µm) still detected as a thin boundary (endomysium, rims, cracks).
     boundary_contrast : float
-        A thin line is a boundary where its optical density differs from the surroundings by
-        more than this fraction of the typical fiber optical density.
+        A thin line is a boundary only where its optical density differs from the surroundings
+        by more than this fraction of the fiber-to-glass OD difference ...
     boundary_min_od : float
-        ... and by at least this many OD units (log10), so noise on near-white fibers is no edge.
+        ... and by at least this many OD units (log10).
+    boundary_noise : float
+        ... and where its relative contrast exceeds this many times the image's median line
+        response (the fiber grain): the strong threshold of a hysteresis.
+    boundary_weak : float
+        Weak hysteresis threshold as a fraction of ``boundary_noise``: faint stretches of a line
+        count when connected to a clear part.
+    pale_line_weight : float
+        Weight of lines paler than their surroundings (cracks, H&E endomysium) relative to
+        darker lines (hematoxylin endomysium, nuclei, DAB rims).
+    line_smoothing_um : float
+        Gaussian σ (µm) applied to the line responses.
+    min_core_fraction : float
+        A fiber must consist of at least this fraction of core (boundary-free) pixels; pieces
+        of connective tissue are mostly grown pixels.
+    min_inscribed_fraction : float
+        A fiber's largest inscribed disk must be at least this fraction of
+        ``min_diameter_um`` (drops thin slivers).
     pale_fraction : float
-        Pixels paler than this fraction of the typical fiber optical density are not fiber
-        (glass, cracks, loose connective tissue in H&E).
+        Pixels closer than this fraction of the way from the brightest pixels (glass, or pale
+        interstitium in a field without glass) to the typical fiber are not fiber.
     texture_max : float
-        Local standard deviation of optical density (over ``texture_um``), relative to the
-        typical fiber optical density, above which tissue is too coarse to be fiber (cell
-        infiltrates, fibrous perimysium).
+        Pixels whose local OD standard deviation (over ``texture_um``) is below half this
+        fraction of the tissue OD estimate the typical fiber OD.
     texture_um : float
-        Gaussian σ (µm) of the local texture window.
+        Gaussian σ (µm) of that local texture window.
     hole_max_area_um2 : float
         Holes inside a fiber up to this area (µm²) are filled (internal nuclei, vacuoles).
     split_depth_um : float
@@ -113,8 +131,8 @@ class FiberParams:
         Objects whose filled area exceeds their area by more than this fraction enclose a lumen
         (vessel walls, rings) and are dropped.
     grow_um : float
-        Fibers are grown over boundary pixels by up to this distance (µm) so their outline
-        sits on the sarcolemma (middle of the endomysium) rather than inside it.
+        Cores grow towards the fiber edge by at most this distance (µm); growth also stops at
+        the strongest edge and at the centre line of a boundary.
     nucleus_min_od : float
         Hematoxylin OD (log10) above which a pixel belongs to a nucleus (fiber table).
     nucleus_min_area_um2, nucleus_max_area_um2 : float
@@ -389,8 +407,7 @@ def _merge_oversplit(lab: np.ndarray, dist: np.ndarray, ratio: float) -> np.ndar
 
 def _object_filter(lab: np.ndarray, dist: np.ndarray, *, min_area: float, max_area: float,
                    min_inscribed: float, min_solidity: float, max_hole_fraction: float,
-                   texture: np.ndarray | None = None, max_texture: float = np.inf,
-                   inner_px: float = 2.0, core: np.ndarray | None = None,
+                   core: np.ndarray | None = None,
                    min_core_fraction: float = 0.0) -> np.ndarray:
     """Keep labels that are plausible fiber cross-sections; returns sequential int32 labels."""
     n = int(lab.max())
@@ -401,13 +418,6 @@ def _object_filter(lab: np.ndarray, dist: np.ndarray, *, min_area: float, max_ar
     np.maximum.at(rmax, lab.ravel(), dist.ravel().astype(np.float64))
     keep = (area >= min_area) & (area <= max_area) & (2 * rmax >= min_inscribed)
     keep[0] = False
-    if texture is not None and np.isfinite(max_texture):
-        inner = dist > inner_px
-        li = lab[inner]
-        n_in = np.bincount(li, minlength=n + 1)
-        t_in = np.bincount(li, weights=texture[inner], minlength=n + 1)
-        mean_t = np.where(n_in > 0, t_in / np.maximum(n_in, 1), 0.0)
-        keep &= mean_t <= max_texture
     if core is not None and min_core_fraction > 0:
         n_core = np.bincount(lab[core], minlength=n + 1)
         keep &= n_core >= min_core_fraction * np.maximum(area, 1)
