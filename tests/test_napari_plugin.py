@@ -299,7 +299,7 @@ def _wait(qtbot, worker, timeout=120_000):
 @gui
 @pytest.mark.gui
 def test_widget_scores_edits_excludes_and_exports(make_napari_viewer, qtbot, cd163_section,
-                                                  cd163_ref, cd163_left, tmp_path):
+                                                  cd163_ref, cd163_left, cd163_file, tmp_path):
     viewer = make_napari_viewer()
     layer = _add_section(viewer, cd163_section, "P99_baseline_CD163")
     _, widget = viewer.window.add_plugin_dock_widget("biopsyquant", "Score IHC")
@@ -350,6 +350,14 @@ def test_widget_scores_edits_excludes_and_exports(make_napari_viewer, qtbot, cd1
 
     (poly,) = load_exclusions(written["exclusions"])
     assert np.asarray(poly)[:, 0].max() == pytest.approx(w / 2)
+    # the drawn exclusion, as exported, gives the batch engine the widget's automatic numbers
+    from biopsyquant.batch import score_one
+
+    batch = score_one(cd163_file, settings=load_settings("CD163"),
+                      exclusions=written["exclusions"])
+    for k in ("cells_detected", "cells_positive", "cells_per_mm2", "analysed_area_mm2",
+              "excluded_area_mm2", "n_fibers"):
+        assert batch.summary[k] == pytest.approx(session.result.summary[k], rel=1e-12), k
 
 
 @gui
