@@ -254,6 +254,10 @@ class ScoringWidget(QWidget):
         return [ly for ly in self.viewer.layers if isinstance(ly, Image) and ly.rgb]
 
     def _refresh_layers(self, *_: Any) -> None:
+        alive = {id(ly) for ly in self.viewer.layers}
+        for lid in [lid for lid in self.sessions if lid not in alive]:  # layer deleted
+            self.sessions.pop(lid, None)
+            self.result_layers.pop(lid, None)
         current = self.layer_combo.currentText()
         names = [ly.name for ly in self._image_layers()]
         if names == [self.layer_combo.itemText(i) for i in range(self.layer_combo.count())]:
