@@ -79,7 +79,9 @@ def draw_overlay(result) -> np.ndarray:
             img[edge] = FIBER_PLAIN
     cells = result.cells
     if len(cells) and {"x_px", "y_px"} <= set(cells.columns):
-        r = max(2, int(round(min(h, w) / 400)))
+        # a dot about one cell across (5 µm radius), at least 2 px
+        r = max(2, int(round(5.0 / (result.mpp * ds)))) if result.mpp else 3
+        show_negative = ds <= 2.0  # zoomed out, negative rings would hide the tissue
         xs = cells["x_px"].to_numpy(float) / ds
         ys = cells["y_px"].to_numpy(float) / ds
         kind = cells["kind"].astype(str).to_numpy() if "kind" in cells.columns else None
@@ -95,14 +97,18 @@ def draw_overlay(result) -> np.ndarray:
                 g = int(grade[i]) if grade is not None else 1
                 col = GRADE_COLOURS.get(g, GRADE_COLOURS[3])
                 if g == 0:  # negative: a ring, so the nucleus stays visible
-                    cv2.circle(img, c, r + 1, col, 1, lineType=cv2.LINE_AA)
-                else:
+                    if show_negative:
+                        cv2.circle(img, c, r + 1, col, 1, lineType=cv2.LINE_AA)
+                elif r >= 5:  # room for a thick ring: the stained cell stays visible
+                    cv2.circle(img, c, r + 2, (0, 0, 0), 1, lineType=cv2.LINE_AA)
+                    cv2.circle(img, c, r, col, max(2, r // 3), lineType=cv2.LINE_AA)
+                else:  # zoomed out: a filled dot with a dark edge
                     cv2.circle(img, c, r + 1, (0, 0, 0), -1, lineType=cv2.LINE_AA)
                     cv2.circle(img, c, r, col, -1, lineType=cv2.LINE_AA)
     return img
 
 
-def _legend(result) -> list[tuple[tuple[int, int, int], str, str]]:
+def _legend(result, ds: float = 1.0) -> list[tuple[tuple[int, int, int], str, str]]:
     items = [(TISSUE_LINE, "line", "tissue outline"), ((30, 30, 30), "hatch", "excluded")]
     a = result.settings.analysis
     if a == "mhc":
@@ -116,10 +122,11 @@ def _legend(result) -> list[tuple[tuple[int, int, int], str, str]]:
         if result.settings.scoring.segment_fibers:
             items.append((FIBER_PLAIN, "line", "fiber outline"))
         if a == "cells":
-            items += [(GRADE_COLOURS[0], "ring", "cell negative"),
-                      (GRADE_COLOURS[1], "dot", "cell 1+"),
-                      (GRADE_COLOURS[2], "dot", "cell 2+"),
-                      (GRADE_COLOURS[3], "dot", "cell 3+")]
+            items += [(GRADE_COLOURS[0], "ring", "cell negative" if ds <= 2.0
+                       else "cell negative (not drawn at this zoom)"),
+                      (GRADE_COLOURS[1], "thick", "cell 1+"),
+                      (GRADE_COLOURS[2], "thick", "cell 2+"),
+                      (GRADE_COLOURS[3], "thick", "cell 3+")]
         else:
             items += [(TINT[1], "patch", "DAB weak (1+)"), (TINT[2], "patch", "DAB moderate (2+)"),
                       (TINT[3], "patch", "DAB strong (3+)"),
@@ -148,9 +155,11 @@ def render_overlay(result, path: str | Path, *, fields: dict | None = None
     img = draw_overlay(result)
     h, w = img.shape[:2]
     dpi = 100
-    panel = 330
-    fig = Figure(figsize=((w + panel) / dpi, max(h, 520) / dpi), dpi=dpi)
-    H = max(h, 520)
+    scale = max(1.0, max(h, w) / 1000)  # text and panel grow with the picture
+    panel = int(330 * scale)
+    fs = 9 * scale
+    H = max(h, int(520 * scale))
+    fig = Figure(figsize=((w + panel) / dpi, H / dpi), dpi=dpi)
     ax = fig.add_axes((0, 1 - h / H, w / (w + panel), h / H))
     ax.imshow(img, interpolation="nearest")
     ax.set_axis_off()
@@ -165,9 +174,9 @@ def render_overlay(result, path: str | Path, *, fields: dict | None = None
                 break
         bar_px = bar_um / (mpp * ds)
         x0, y0 = w * 0.03, h * 0.96
-        ax.plot([x0, x0 + bar_px], [y0, y0], color="black", lw=4, solid_capstyle="butt")
+        ax.plot([x0, x0 + bar_px], [y0, y0], color="black", lw=4 * scale, solid_capstyle="butt")
         label = f"{bar_um / 1000:g} mm" if bar_um >= 1000 else f"{bar_um:g} µm"
-        ax.text(x0 + bar_px / 2, y0 - h * 0.015, label, ha="center", va="bottom", fontsize=10,
+        ax.text(x0 + bar_px / 2, y0 - h * 0.015, label, ha="center", va="bottom", fontsize=fs,
                 color="black", bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none"})
     tx = fig.add_axes((w / (w + panel), 0, panel / (w + panel), 1))
     tx.set_axis_off()
@@ -180,23 +189,24 @@ def render_overlay(result, path: str | Path, *, fields: dict | None = None
         if k in result.summary:
             lines.append(f"{k}: {_fmt(result.summary[k])}")
     lines.append(f"overview 1:{ds:.3g}")
-    tx.text(0.04, 0.99, "\n".join(lines), va="top", ha="left", fontsize=9, family="monospace",
+    tx.text(0.04, 0.99, "\n".join(lines), va="top", ha="left", fontsize=fs, family="monospace",
             transform=tx.transAxes)
     handles = []
-    for col, kind, text in _legend(result):
+    for col, kind, text in _legend(result, ds):
         c = tuple(v / 255 for v in col)
         if kind == "line":
-            handles.append(Line2D([], [], color=c, lw=2.5, label=text))
+            handles.append(Line2D([], [], color=c, lw=2.5 * scale, label=text))
         elif kind == "dot":
-            handles.append(Line2D([], [], color=c, marker="o", ls="", ms=7, label=text))
-        elif kind == "ring":
-            handles.append(Line2D([], [], color=c, marker="o", mfc="none", ls="", ms=8,
+            handles.append(Line2D([], [], color=c, marker="o", ls="", ms=7 * scale, label=text))
+        elif kind in ("ring", "thick"):
+            handles.append(Line2D([], [], color=c, marker="o", mfc="none", ls="",
+                                  ms=8 * scale, mew=(2.5 if kind == "thick" else 1) * scale,
                                   label=text))
         elif kind == "hatch":
             handles.append(Patch(facecolor="white", edgecolor=c, hatch="///", label=text))
         else:
             handles.append(Patch(facecolor=c, edgecolor="none", label=text))
-    tx.legend(handles=handles, loc="lower left", fontsize=9, frameon=False,
+    tx.legend(handles=handles, loc="lower left", fontsize=fs, frameon=False,
               bbox_to_anchor=(0.0, 0.0))
     path = Path(path)
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=dpi))
