@@ -35,7 +35,6 @@ import pandas as pd
 from scipy import ndimage as ndi
 from skimage.filters import apply_hysteresis_threshold
 from skimage.measure import perimeter as _sk_perimeter
-from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
 from .errors import InputError, MppUnknownError
@@ -448,6 +447,56 @@ def _object_filter(lab: np.ndarray, dist: np.ndarray, *, min_area: float, max_ar
     return lut[lab]
 
 
+def _merge_shallow(lab: np.ndarray, height: np.ndarray, h: float) -> np.ndarray:
+    """Merge adjacent watershed basins of a relief whose lower peak is < ``h`` above the saddle.
+
+    Equivalent to seeding with the h-maxima of ``height``: basins are merged in order of
+    decreasing saddle height, each merged basin keeping the higher peak.
+    """
+    n = int(lab.max())
+    if n < 2:
+        return lab
+    hf = height.astype(np.float32, copy=False)
+    keys_l, sad_l = [], []
+    for a, b, ha, hb in ((lab[:, :-1], lab[:, 1:], hf[:, :-1], hf[:, 1:]),
+                         (lab[:-1, :], lab[1:, :], hf[:-1, :], hf[1:, :])):
+        m = (a != b) & (a > 0) & (b > 0)
+        if m.any():
+            pa, pb = a[m].astype(np.int64), b[m].astype(np.int64)
+            keys_l.append(np.minimum(pa, pb) * (n + 1) + np.maximum(pa, pb))
+            sad_l.append(np.minimum(ha[m], hb[m]))
+    if not keys_l:
+        return lab
+    keys = np.concatenate(keys_l)
+    sad = np.concatenate(sad_l)
+    uk, inv = np.unique(keys, return_inverse=True)
+    saddle = np.full(len(uk), -np.inf, np.float32)
+    np.maximum.at(saddle, inv, sad)
+    peak = np.zeros(n + 1, np.float32)
+    np.maximum.at(peak, lab.ravel(), hf.ravel())
+    parent = np.arange(n + 1)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    order = np.argsort(-saddle, kind="stable")
+    for k in order:
+        ra, rb = find(int(uk[k] // (n + 1))), find(int(uk[k] % (n + 1)))
+        if ra == rb:
+            continue
+        if min(peak[ra], peak[rb]) - saddle[k] < h:
+            keep, drop = (ra, rb) if peak[ra] >= peak[rb] else (rb, ra)
+            parent[drop] = keep
+    roots = np.array([find(i) for i in range(n + 1)])
+    roots[peak[roots] < h] = 0  # a basin as a whole lower than h is no h-maximum
+    roots[0] = 0
+    _, seq = np.unique(roots, return_inverse=True)
+    return seq.astype(np.int32)[lab]
+
+
 def _grow(lab: np.ndarray, allowed: np.ndarray, radius_px: float) -> np.ndarray:
     """Grow labels into ``allowed`` pixels within ``radius_px`` (nearest label wins)."""
     if radius_px <= 0 or lab.max() == 0:
@@ -624,15 +673,18 @@ def _segment_working(total: np.ndarray, counter: np.ndarray, hema: np.ndarray,
     # 2. split touching cores: h-maxima of the distance transform + watershed
     dist = cv2.distanceTransform(core.astype(np.uint8), cv2.DIST_L2, 5)
     dsm = _gauss(dist, 1.0)
-    # markers: h-maxima of the smoothed distance (depth >= split_depth), on an integer copy
+    # markers: maxima of the smoothed distance whose dynamic (depth below the saddle to a
+    # higher maximum) is at least split_depth -- the h-maxima, computed as a watershed from
+    # every local maximum followed by merging across shallow saddles
     h = max(params.split_depth_um / wm, 0.5)
-    q = 4.0  # quantise to 1/4 px for a fast integer h-maxima
-    dq = np.minimum(dsm * q, 65535).astype(np.uint16)
-    markers_mask = h_maxima(dq, max(1, int(round(h * q)))).astype(bool) & core
-    nm, markers = cv2.connectedComponents(markers_mask.astype(np.uint8), connectivity=8)
+    peaks = core & (dsm >= cv2.dilate(dsm, np.ones((3, 3), np.uint8))) & (dsm > 0.5)
+    nm, markers = cv2.connectedComponents(peaks.astype(np.uint8), connectivity=8)
     if nm <= 1:
         return np.zeros(total.shape, np.int32)
     cores = watershed(-dsm, markers, mask=core).astype(np.int32)
+    cores = _merge_shallow(cores, dsm, h)
+    if cores.max() == 0:
+        return np.zeros(total.shape, np.int32)
     cores = _merge_oversplit(cores, dist, params.merge_neck_ratio)
 
     # 3. grow cores to the fiber edge: watershed on edge strength, competing with a
