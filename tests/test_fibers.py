@@ -264,3 +264,40 @@ def test_fiber_table_bad_input():
         fiber_table(np.zeros((5, 5), float), mpp=0.5)
     with pytest.raises(InputError, match="hema_od"):
         fiber_table(np.ones((5, 5), np.int32), mpp=0.5, hema_od=np.zeros((4, 4)))
+
+
+def test_saddle_merge_equals_h_maxima():
+    """Markers = local maxima merged across shallow saddles give the h-maxima's basins."""
+    from scipy import ndimage as ndi
+    from skimage.morphology import h_maxima
+    from skimage.segmentation import watershed
+
+    from biopsyquant.fibers import _merge_shallow
+
+    yy, xx = np.mgrid[0:80, 0:160].astype(np.float32)
+
+    def bump(cx, cy, a):
+        return a * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * 12.0**2))
+
+    # two peaks of heights 10 and 8 with a saddle ~ 4.3 below the lower peak
+    relief = bump(50, 40, 10.0) + bump(100, 40, 8.0)
+    core = relief > 0.5
+
+    def basins(h):
+        peaks = core & (relief >= ndi.maximum_filter(relief, size=3)) & (relief > 0.5)
+        markers, _ = ndi.label(peaks, structure=np.ones((3, 3)))
+        lab = watershed(-relief, markers, mask=core).astype(np.int32)
+        return _merge_shallow(lab, relief, h)
+
+    assert basins(3.0).max() == 2
+    assert basins(6.0).max() == 1
+    # a random smooth relief: same number of basins as skimage's h-maxima
+    rng = np.random.default_rng(3)
+    relief = ndi.gaussian_filter(rng.normal(size=(120, 120)), 4).astype(np.float32)
+    relief = (relief - relief.min()) * np.float32(200.0)
+    core = np.ones(relief.shape, bool)
+    for h in (2.0, 5.0, 10.0):
+        q = np.round(relief * 4).astype(np.uint16)
+        n_ref = ndi.label(h_maxima(q, int(h * 4)), structure=np.ones((3, 3)))[1]
+        n_new = int(basins(h).max())
+        assert abs(n_new - n_ref) <= max(1, 0.1 * n_ref), (h, n_new, n_ref)
