@@ -91,6 +91,15 @@ class CompartmentParams:
     working_mpp_um : float
         Resolution (µm/px) at which perimysium and vessels are mapped (then scaled up; the
         fiber outlines always stay at full resolution).
+    endomysium_pocket_max_um2 : float
+        Anatomical rule on top of the width rule: a wide non-fiber pocket *enclosed by fibers
+        of one fascicle* (a hole of the fiber mask closed by ``fiber_gap_close_um``, not
+        connected to the septa network or the section edge) smaller than this is endomysium
+        — e.g. endomysial inflammation widening the space between fibers — not perimysium.
+        0 turns the rule off (pure width rule).
+    fiber_gap_close_um : float
+        Radius of the closing of the fiber mask that bridges ordinary endomysium when the
+        fascicle pockets are found.
     """
 
     perimysium_min_width_um: float = 15.0
@@ -108,6 +117,8 @@ class CompartmentParams:
     perifascicular_distance_um: float = 100.0
     fascicle_edge_codes: tuple = (3, 4, 5)
     working_mpp_um: float = 1.0
+    endomysium_pocket_max_um2: float = 20_000.0
+    fiber_gap_close_um: float = 6.0
 
     def __post_init__(self) -> None:
         for name in ("perimysium_min_width_um", "vessel_min_diameter_um",
@@ -243,6 +254,26 @@ def _find_vessels(fiber: np.ndarray, tissue: np.ndarray, bright: np.ndarray | No
     return vessel
 
 
+def _fascicle_pockets(fiber: np.ndarray, wm: float, params: CompartmentParams) -> np.ndarray:
+    """Non-fiber pockets enclosed by the fibers of one fascicle (see CompartmentParams)."""
+    r = max(1, int(round(params.fiber_gap_close_um / wm)))
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    pad = r + 1
+    closed = cv2.morphologyEx(np.pad(fiber.astype(np.uint8), pad), cv2.MORPH_CLOSE, k)
+    closed = closed[pad:-pad, pad:-pad].astype(bool)
+    n, lab, stats, _ = cv2.connectedComponentsWithStats((~closed).astype(np.uint8),
+                                                        connectivity=4)
+    if n <= 1:
+        return np.zeros(fiber.shape, bool)
+    x, y, w, h = (stats[:, i] for i in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH,
+                                         cv2.CC_STAT_HEIGHT))
+    touches = (x == 0) | (y == 0) | (x + w >= fiber.shape[1]) | (y + h >= fiber.shape[0])
+    small = stats[:, cv2.CC_STAT_AREA] * wm * wm <= params.endomysium_pocket_max_um2
+    keep = small & ~touches
+    keep[0] = False
+    return keep[lab]
+
+
 def compartment_map(
     fiber_labels: np.ndarray,
     tissue: np.ndarray,
@@ -333,6 +364,8 @@ def compartment_map(
         if outside.any():
             d_out = cv2.distanceTransform((~outside).astype(np.uint8), cv2.DIST_L2, 5)
             peri |= nonfiber & (d_out <= params.epimysium_um / wm)
+    if params.endomysium_pocket_max_um2 > 0 and fiber.any():
+        peri &= ~_fascicle_pockets(fiber, wm, params)
     vessel = _find_vessels(fiber, tis & ~(bright if bright is not None else False), bright,
                            od_w, wm, params)
     perivasc = np.zeros(ws, bool)

@@ -161,3 +161,25 @@ def test_agreement_with_synthetic_truth(marker, seed):
     assert (codes[t == 1] == 1).all()
     if (t == 4).any():  # vessels are found where the generator drew them
         assert (codes[t == 4] == 4).mean() >= 0.7
+
+
+def test_pocket_enclosed_by_one_fascicle_is_endomysium():
+    """A 30 µm non-fiber pocket surrounded by fibers is endomysium (fascicle rule); with the
+    rule off the width rule alone calls it perimysium; a wide band reaching the image edge
+    (a septum) stays perimysium either way."""
+    mpp = 1.0
+    lab = np.zeros((300, 300), np.int32)
+    k = 1
+    for y0 in range(0, 300, 50):
+        for x0 in range(0, 300, 50):
+            lab[y0 + 2:y0 + 48, x0 + 2:x0 + 48] = k  # 46 µm fibers, 4 µm endomysium
+            k += 1
+    lab[110:140, 110:140] = 0  # a 30 x 30 µm pocket in the middle of the fascicle
+    lab[:, 245:275] = 0  # a 30 µm septum from top to bottom
+    tissue = np.ones_like(lab, bool)
+    on = compartment_map(lab, tissue, mpp=mpp, params=CompartmentParams(epimysium_um=0))
+    off = compartment_map(lab, tissue, mpp=mpp,
+                          params=CompartmentParams(epimysium_um=0, endomysium_pocket_max_um2=0))
+    assert (on[118:132, 118:132] == 2).all()
+    assert (off[118:132, 118:132] == 3).all()
+    assert (on[100:200, 252:268] == 3).all() and (off[100:200, 252:268] == 3).all()
