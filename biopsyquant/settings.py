@@ -78,7 +78,8 @@ class TileParams:
         Context added on every side of a tile's core (µm); must exceed the largest object
         (fiber) so that every object lies whole in the tile that owns its centroid.
     max_whole_image_px : int
-        Images up to this many pixels are scored in one piece by ``score_image``.
+        Slides up to this many pixels are scored in one piece by the batch runner and the
+        plugin; larger ones in tiles (16 Mpx keeps a worker's peak memory near 1 GB).
     assumed_mpp_unknown : float
         Pixel size (µm/px) assumed *only for object-size parameters* when the true pixel size
         is unknown; physical outputs (µm, mm², per mm²) are then reported as missing.
@@ -86,7 +87,7 @@ class TileParams:
 
     tile_size_px: int = 2048
     overlap_um: float = 200.0
-    max_whole_image_px: int = 64_000_000
+    max_whole_image_px: int = 16_000_000
     assumed_mpp_unknown: float = 0.5
 
 
