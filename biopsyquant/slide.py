@@ -57,6 +57,7 @@ and the problem.
 
 from __future__ import annotations
 
+import abc
 import math
 import os
 import struct
@@ -265,7 +266,7 @@ def _check_dtype(path: str, dtype: np.dtype) -> None:
 # backends: each reads native samples (h, w, c) for a clipped, in-bounds box of one level
 
 
-class _Backend:
+class _Backend(abc.ABC):
     format: str
     dtype: np.dtype
     samples: int
@@ -277,8 +278,9 @@ class _Backend:
     mpp_candidates: list[tuple[str, float | None, float | None, str | None]]
     objective_power: float | None = None
 
+    @abc.abstractmethod
     def read(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        raise NotImplementedError
+        """Native samples (h, w, c) of the in-bounds box [y0:y1, x0:x1] of ``level``."""
 
     def read_whole(self, level: int) -> np.ndarray:
         h, w = self.shapes[level]
@@ -287,8 +289,8 @@ class _Backend:
     def lazy(self, level: int) -> Any:
         return None
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - optional hook: most backends hold no handle
+        return None
 
 
 # ---- TIFF ----------------------------------------------------------------------------------
