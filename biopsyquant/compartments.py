@@ -96,7 +96,8 @@ class CompartmentParams:
         of one fascicle* (a hole of the fiber mask closed by ``fiber_gap_close_um``, not
         connected to the septa network or the section edge) smaller than this is endomysium
         — e.g. endomysial inflammation widening the space between fibers — not perimysium.
-        0 turns the rule off (pure width rule).
+        0 turns the rule off (pure width rule). Keep pockets smaller than the tile overlap
+        (5,000 µm² ≈ 80 µm across vs the 100–200 µm overlap) so tiled and whole-slide maps agree.
     fiber_gap_close_um : float
         Radius of the closing of the fiber mask that bridges ordinary endomysium when the
         fascicle pockets are found.
@@ -117,7 +118,7 @@ class CompartmentParams:
     perifascicular_distance_um: float = 100.0
     fascicle_edge_codes: tuple = (3, 4, 5)
     working_mpp_um: float = 1.0
-    endomysium_pocket_max_um2: float = 20_000.0
+    endomysium_pocket_max_um2: float = 5_000.0
     fiber_gap_close_um: float = 6.0
 
     def __post_init__(self) -> None:
