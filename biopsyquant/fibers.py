@@ -38,7 +38,8 @@ from skimage.measure import perimeter as _sk_perimeter
 from skimage.segmentation import watershed
 
 from .errors import InputError, MppUnknownError
-from .stains import PRESETS, StainModel
+from .stains import PRESETS, StainModel, estimate_background
+from .stains import _check_rgb as _check_rgb_stains
 
 __all__ = [
     "FiberParams",
@@ -203,14 +204,7 @@ class FiberParams:
 
 
 def _check_rgb(rgb) -> np.ndarray:
-    rgb = np.asarray(rgb)
-    if rgb.ndim != 3 or rgb.shape[-1] != 3:
-        raise InputError(
-            f"`rgb` must have 3 channels along the last axis, got shape {rgb.shape}; "
-            "drop alpha with rgb[..., :3]"
-        )
-    if rgb.dtype != np.uint8:
-        raise InputError(f"`rgb` must be uint8, got {rgb.dtype}")
+    rgb = _check_rgb_stains(rgb)
     if rgb.shape[0] < 2 or rgb.shape[1] < 2:
         raise InputError(f"`rgb` is too small to segment fibers: shape {rgb.shape}")
     return rgb
@@ -249,31 +243,14 @@ _MIN_DEFAULT_BACKGROUND = 235.0
 
 
 def _estimate_background(rgb: np.ndarray) -> tuple[float, float, float]:
-    """Glass intensity per channel; uses ``stains.estimate_background`` when available."""
-    try:
-        from .stains import estimate_background  # type: ignore[attr-defined]
-    except ImportError:
-        estimate_background = None
-    if estimate_background is not None:
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                bg = estimate_background(rgb)
-            if caught:  # no glass in view (a field inside the tissue): scanner white
-                return (255.0, 255.0, 255.0)
-            bg = tuple(float(b) for b in np.asarray(bg, float).ravel()[:3])
-            if len(bg) == 3 and all(math.isfinite(b) and b > 0 for b in bg):
-                return bg  # type: ignore[return-value]
-        except Exception:  # noqa: BLE001 - fall back to the simple estimate below
-            pass
-    step = max(1, int(math.sqrt(rgb.shape[0] * rgb.shape[1] / 1e6)))
-    sub = rgb[::step, ::step].reshape(-1, 3).astype(np.float32)
-    lum = sub.sum(1)
-    bright = sub[lum >= np.percentile(lum, 99.0)]
-    bg = np.median(bright, axis=0)
-    if bg.min() < 180:  # no glass in view: assume the scanner's white
+    """Glass intensity per channel (``stains.estimate_background``); scanner white when the
+    field shows no glass (a field inside the tissue)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bg = estimate_background(rgb)
+    if any(issubclass(w.category, UserWarning) for w in caught):
         return (255.0, 255.0, 255.0)
-    return tuple(float(max(b, 1.0)) for b in bg)  # type: ignore[return-value]
+    return bg
 
 
 def _downsample(img: np.ndarray, factor: float) -> np.ndarray:

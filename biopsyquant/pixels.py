@@ -57,7 +57,9 @@ import numpy as np
 import pandas as pd
 from numba import njit, prange
 
+from ._kernels import run as _run
 from .errors import InputError
+from .stains import _od_luts
 
 if TYPE_CHECKING:  # score imports the analysis modules lazily; avoid a cycle at import time
     from .score import ImageContext, Measurements
@@ -226,16 +228,6 @@ def _pale_ser(rgb, lut, limit, mask, out):
         _pale_row(rgb, lut, limit, mask, out, i)
 
 
-def _run(par, ser, n_pixels: int, *args) -> None:
-    """Run a parallel or serial kernel with the project's guard against nested parallelism."""
-    try:
-        from ._kernels import run
-    except ImportError:  # pragma: no cover - kernels module always ships
-        ser(*args)
-        return
-    run(par, ser, n_pixels, *args)
-
-
 # ------------------------------------------------------------------------------- helpers
 def _check_2d(arr, shape, name: str, dtype=None) -> np.ndarray:
     a = np.asarray(arr)
@@ -247,9 +239,8 @@ def _check_2d(arr, shape, name: str, dtype=None) -> np.ndarray:
 
 
 def _od_lut(background) -> np.ndarray:
-    v = np.maximum(np.arange(256, dtype=np.float64), 1.0)
-    bg = np.asarray(background, dtype=np.float64).reshape(3, 1)
-    return np.maximum(-np.log10(v[None, :] / bg), 0.0).astype(np.float32)
+    """(3, 256) float32 per-channel OD lookup tables (the stain module's, as float32)."""
+    return _od_luts(background).astype(np.float32)
 
 
 def total_od(rgb: np.ndarray, background=(255.0, 255.0, 255.0)) -> np.ndarray:
