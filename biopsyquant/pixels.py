@@ -175,35 +175,77 @@ class PixelParams:
 
 
 # ------------------------------------------------------------------------------- kernels
+#: edge (px) of the occupancy blocks: passes over the whole image note which blocks hold any
+#: candidate pixel, and connected components are then traced only inside those blocks
+_BLOCK = 16
+
+
 @njit(**_JIT)
-def _count_row(dab, comp, mask, drop, code_group, thr, counts, sums, classes, write, i):
-    for j in range(dab.shape[1]):
-        if not mask[i, j] or drop[i, j]:
+def _count_block(dab, comp, mask, own, use_own, drop, use_drop, code_group, t0, t1, t2, counts,
+                 sums, classes, write, cap_lut, cap_t, pos, bmap, nfg, want_pos, bi, bs):
+    """One band of ``bs`` rows: class counts / OD sums per group, class image, capillary seeds.
+
+    A pixel is counted when ``mask`` (and ``own``) holds and it is not in ``drop``; it is a
+    capillary seed (``pos``) when ``mask`` holds, it is not in ``drop``, its compartment code
+    is in ``cap_lut`` and its DAB OD reaches ``cap_t`` (``own`` is not applied: objects are
+    kept by the owner of their centroid).
+    """
+    h, w = dab.shape
+    i0 = bi * bs
+    i1 = min(i0 + bs, h)
+    cn = np.zeros(12, np.int64)
+    cs = np.zeros(12, np.float64)
+    nf = 0
+    nd = 0
+    for i in range(i0, i1):
+        for j in range(w):
+            m = mask[i, j]
+            d = use_drop and drop[i, j] != 0
+            v = dab[i, j]
+            if want_pos:
+                p = 0
+                if m and not d and v >= cap_t and cap_lut[comp[i, j]]:
+                    p = 1
+                    nf += 1
+                    bmap[bi, j // bs] = 1
+                pos[i, j] = p
+            if m and use_own and not own[i, j]:
+                m = False
+            if not m or d:
+                if m:
+                    nd += 1
+                if write:
+                    classes[i, j] = 0
+                continue
+            c = np.int64(v >= t0) + np.int64(v >= t1) + np.int64(v >= t2)
+            k = code_group[comp[i, j]] * 4 + c
+            cn[k] += 1
+            cs[k] += v
             if write:
-                classes[i, j] = 0
-            continue
-        v = dab[i, j]
-        c = 0
-        for k in range(3):
-            if v >= thr[k]:
-                c += 1
-        g = code_group[comp[i, j]]
-        counts[i, g * 4 + c] += 1
-        sums[i, g * 4 + c] += v
-        if write:
-            classes[i, j] = c
+                classes[i, j] = c
+    for k in range(12):
+        counts[bi, k] = cn[k]
+        sums[bi, k] = cs[k]
+    counts[bi, 12] = nd
+    nfg[bi] = nf
 
 
 @njit(parallel=True, **_JIT)
-def _count_par(dab, comp, mask, drop, code_group, thr, counts, sums, classes, write):
-    for i in prange(dab.shape[0]):
-        _count_row(dab, comp, mask, drop, code_group, thr, counts, sums, classes, write, i)
+def _count_par(dab, comp, mask, own, use_own, drop, use_drop, code_group, t0, t1, t2, counts,
+               sums, classes, write, cap_lut, cap_t, pos, bmap, nfg, want_pos, bs):
+    for bi in prange(counts.shape[0]):
+        _count_block(dab, comp, mask, own, use_own, drop, use_drop, code_group, t0, t1, t2,
+                     counts, sums, classes, write, cap_lut, cap_t, pos, bmap, nfg, want_pos, bi,
+                     bs)
 
 
 @njit(**_JIT)
-def _count_ser(dab, comp, mask, drop, code_group, thr, counts, sums, classes, write):
-    for i in range(dab.shape[0]):
-        _count_row(dab, comp, mask, drop, code_group, thr, counts, sums, classes, write, i)
+def _count_ser(dab, comp, mask, own, use_own, drop, use_drop, code_group, t0, t1, t2, counts,
+               sums, classes, write, cap_lut, cap_t, pos, bmap, nfg, want_pos, bs):
+    for bi in range(counts.shape[0]):
+        _count_block(dab, comp, mask, own, use_own, drop, use_drop, code_group, t0, t1, t2,
+                     counts, sums, classes, write, cap_lut, cap_t, pos, bmap, nfg, want_pos, bi,
+                     bs)
 
 
 @njit(**_JIT)
@@ -226,6 +268,408 @@ def _pale_par(rgb, lut, limit, mask, out):
 def _pale_ser(rgb, lut, limit, mask, out):
     for i in range(rgb.shape[0]):
         _pale_row(rgb, lut, limit, mask, out, i)
+
+
+@njit(**_JIT)
+def _pale_block(rgb, lut, limit, mask, out, bmap, nfg, bi, bs):
+    h, w = mask.shape
+    nf = 0
+    for i in range(bi * bs, min(bi * bs + bs, h)):
+        for j in range(w):
+            v = 0
+            if mask[i, j]:
+                t = lut[0, rgb[i, j, 0]] + lut[1, rgb[i, j, 1]] + lut[2, rgb[i, j, 2]]
+                if t < limit:
+                    v = 1
+                    nf += 1
+                    bmap[bi, j // bs] = 1
+            out[i, j] = v
+    nfg[bi] = nf
+
+
+@njit(parallel=True, **_JIT)
+def _pale_blocks_par(rgb, lut, limit, mask, out, bmap, nfg, bs):
+    for bi in prange(bmap.shape[0]):
+        _pale_block(rgb, lut, limit, mask, out, bmap, nfg, bi, bs)
+
+
+@njit(**_JIT)
+def _pale_blocks_ser(rgb, lut, limit, mask, out, bmap, nfg, bs):
+    for bi in range(bmap.shape[0]):
+        _pale_block(rgb, lut, limit, mask, out, bmap, nfg, bi, bs)
+
+
+@njit(**_JIT)
+def _seed_block(dab, t, region, comp, lut, use_comp, drop, use_drop, active, use_active, pos,
+                bmap, nfg, bi, bs):
+    h, w = dab.shape
+    nf = 0
+    for i in range(bi * bs, min(bi * bs + bs, h)):
+        for j in range(w):
+            p = 0
+            if (region[i, j] and dab[i, j] >= t and (not use_comp or lut[comp[i, j]])
+                    and (not use_drop or not drop[i, j])
+                    and (not use_active or active[i, j])):
+                p = 1
+                nf += 1
+                bmap[bi, j // bs] = 1
+            pos[i, j] = p
+    nfg[bi] = nf
+
+
+@njit(parallel=True, **_JIT)
+def _seed_par(dab, t, region, comp, lut, use_comp, drop, use_drop, active, use_active, pos,
+              bmap, nfg, bs):
+    for bi in prange(bmap.shape[0]):
+        _seed_block(dab, t, region, comp, lut, use_comp, drop, use_drop, active, use_active, pos,
+                    bmap, nfg, bi, bs)
+
+
+@njit(**_JIT)
+def _seed_ser(dab, t, region, comp, lut, use_comp, drop, use_drop, active, use_active, pos,
+              bmap, nfg, bs):
+    for bi in range(bmap.shape[0]):
+        _seed_block(dab, t, region, comp, lut, use_comp, drop, use_drop, active, use_active, pos,
+                    bmap, nfg, bi, bs)
+
+
+@njit(**_JIT)
+def _find(parent, x):
+    while parent[x] != x:
+        parent[x] = parent[parent[x]]
+        x = parent[x]
+    return x
+
+
+@njit(**_JIT)
+def _label_sparse(fg, bmap, bs, n_fg, lab):
+    """8-connected components of ``fg`` (uint8) visiting only the flagged blocks of ``bmap``.
+
+    ``lab`` (int32, zeros) receives labels 1..n numbered in raster order of each component's
+    first pixel. Returns n and per-label area, x0, y0, x1, y1 (inclusive bounding box).
+    """
+    h, w = fg.shape
+    hb, wb = bmap.shape
+    parent = np.empty(n_fg + 1, np.int32)
+    parent[0] = 0
+    nxt = 0
+    for bi in range(hb):
+        for bj in range(wb):
+            if not bmap[bi, bj]:
+                continue
+            for i in range(bi * bs, min(bi * bs + bs, h)):
+                for j in range(bj * bs, min(bj * bs + bs, w)):
+                    if not fg[i, j]:
+                        continue
+                    nxt += 1
+                    parent[nxt] = nxt
+                    lab[i, j] = nxt
+                    for ii in range(max(i - 1, 0), min(i + 2, h)):
+                        for jj in range(max(j - 1, 0), min(j + 2, w)):
+                            q = lab[ii, jj]
+                            if q <= 0 or q == nxt:
+                                continue
+                            ra = _find(parent, nxt)
+                            rb = _find(parent, q)
+                            if ra < rb:
+                                parent[rb] = ra
+                            elif rb < ra:
+                                parent[ra] = rb
+    big = np.int64(h) * np.int64(w)
+    first = np.full(nxt + 1, big, np.int64)
+    for bi in range(hb):
+        for bj in range(wb):
+            if not bmap[bi, bj]:
+                continue
+            for i in range(bi * bs, min(bi * bs + bs, h)):
+                for j in range(bj * bs, min(bj * bs + bs, w)):
+                    q = lab[i, j]
+                    if q > 0:
+                        r = _find(parent, q)
+                        k = np.int64(i) * w + j
+                        if k < first[r]:
+                            first[r] = k
+    nroot = 0
+    for r in range(1, nxt + 1):
+        if parent[r] == r:
+            nroot += 1
+    roots = np.empty(nroot, np.int64)
+    keys = np.empty(nroot, np.int64)
+    k = 0
+    for r in range(1, nxt + 1):
+        if parent[r] == r:
+            roots[k] = r
+            keys[k] = first[r]
+            k += 1
+    order = np.argsort(keys)
+    newid = np.zeros(nxt + 1, np.int32)
+    for k in range(nroot):
+        newid[roots[order[k]]] = k + 1
+    area = np.zeros(nroot + 1, np.int64)
+    x0 = np.full(nroot + 1, w, np.int64)
+    y0 = np.full(nroot + 1, h, np.int64)
+    x1 = np.full(nroot + 1, -1, np.int64)
+    y1 = np.full(nroot + 1, -1, np.int64)
+    for bi in range(hb):
+        for bj in range(wb):
+            if not bmap[bi, bj]:
+                continue
+            for i in range(bi * bs, min(bi * bs + bs, h)):
+                for j in range(bj * bs, min(bj * bs + bs, w)):
+                    q = lab[i, j]
+                    if q > 0:
+                        t = newid[_find(parent, q)]
+                        lab[i, j] = t
+                        area[t] += 1
+                        if j < x0[t]:
+                            x0[t] = j
+                        if j > x1[t]:
+                            x1[t] = j
+                        if i < y0[t]:
+                            y0[t] = i
+                        if i > y1[t]:
+                            y1[t] = i
+    return nroot, area, x0, y0, x1, y1
+
+
+@njit(**_JIT)
+def _outside_fill(wall, stack):
+    """Mark (2) the non-wall cells of ``wall`` 4-connected to its border frame (cell 0, 0)."""
+    hh, ww = wall.shape
+    top = 0
+    stack[0] = 0
+    wall[0, 0] = 2
+    top = 1
+    while top > 0:
+        top -= 1
+        k = stack[top]
+        y = k // ww
+        x = k - y * ww
+        if y > 0 and wall[y - 1, x] == 0:
+            wall[y - 1, x] = 2
+            stack[top] = k - ww
+            top += 1
+        if y < hh - 1 and wall[y + 1, x] == 0:
+            wall[y + 1, x] = 2
+            stack[top] = k + ww
+            top += 1
+        if x > 0 and wall[y, x - 1] == 0:
+            wall[y, x - 1] = 2
+            stack[top] = k - 1
+            top += 1
+        if x < ww - 1 and wall[y, x + 1] == 0:
+            wall[y, x + 1] = 2
+            stack[top] = k + 1
+            top += 1
+
+
+@njit(**_JIT)
+def _lumen_fill(lab, n, area, x0, y0, x1, y1, min_px, fill_px, do_fill, lumen):
+    """Lumen = components with area >= min_px plus the enclosed islands of <= fill_px."""
+    for c in range(1, n + 1):
+        if area[c] < min_px:
+            continue
+        for i in range(y0[c], y1[c] + 1):
+            for j in range(x0[c], x1[c] + 1):
+                if lab[i, j] == c:
+                    lumen[i, j] = 1
+        if not do_fill:
+            continue
+        hh = y1[c] - y0[c] + 3
+        ww = x1[c] - x0[c] + 3
+        wall = np.zeros((hh, ww), np.uint8)
+        for i in range(y0[c], y1[c] + 1):
+            for j in range(x0[c], x1[c] + 1):
+                if lab[i, j] == c:
+                    wall[i - y0[c] + 1, j - x0[c] + 1] = 1
+        stack = np.empty(hh * ww, np.int64)
+        _outside_fill(wall, stack)
+        # each enclosed island (4-connected): add it when small enough
+        for yy in range(1, hh - 1):
+            for xx in range(1, ww - 1):
+                if wall[yy, xx] != 0:
+                    continue
+                wall[yy, xx] = 3
+                stack[0] = yy * ww + xx
+                top = 1
+                m = 0
+                while top > 0:  # collect the island's cells at the bottom of the stack
+                    top -= 1
+                    k = stack[top]
+                    stack[hh * ww - 1 - m] = k
+                    m += 1
+                    y = k // ww
+                    x = k - y * ww
+                    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+                        if wall[y + dy, x + dx] == 0:
+                            wall[y + dy, x + dx] = 3
+                            stack[top] = k + dy * ww + dx
+                            top += 1
+                if m <= fill_px:
+                    for q in range(m):
+                        k = stack[hh * ww - 1 - q]
+                        y = k // ww
+                        x = k - y * ww
+                        lumen[y0[c] + y - 1, x0[c] + x - 1] = 1
+
+
+@njit(**_JIT)
+def _vessel_objects(lab, n, area, x0, y0, x1, y1, dab, pos, region, comp, lut, use_comp, drop,
+                    use_drop, hema, use_nuc, nucleus_od, max_nucleus_px, px_um2, min_px, max_px,
+                    max_lumen_um2, max_elongation, min_contrast_od, ring_k, big):
+    """Measure every small component (see :func:`_objects_at_level`); rows of valid objects.
+
+    ``big[c]`` is set for components too large at this level (before or after filling).
+    """
+    h, w = dab.shape
+    pad = ring_k.shape[0] // 2
+    out = np.empty((n, 6), np.float64)
+    m_out = 0
+    for c in range(1, n + 1):
+        if area[c] > max_px:
+            big[c] = 1
+            continue
+        bw = x1[c] - x0[c] + 1
+        bh = y1[c] - y0[c] + 1
+        if bw * bh < min_px:
+            continue
+        cx0 = max(x0[c] - pad, 0)
+        cy0 = max(y0[c] - pad, 0)
+        cx1 = min(x1[c] + 1 + pad, w)
+        cy1 = min(y1[c] + 1 + pad, h)
+        ch = cy1 - cy0
+        cw = cx1 - cx0
+        # canvas with a 1-px frame: 1 = object, 2 = outside (reached from the frame), 0 = hole
+        wall = np.zeros((ch + 2, cw + 2), np.uint8)
+        for i in range(y0[c], y1[c] + 1):
+            for j in range(x0[c], x1[c] + 1):
+                if lab[i, j] == c:
+                    wall[i - cy0 + 1, j - cx0 + 1] = 1
+        stack = np.empty((ch + 2) * (cw + 2), np.int64)
+        _outside_fill(wall, stack)
+        nh = 0
+        for i in range(1, ch + 1):
+            for j in range(1, cw + 1):
+                if wall[i, j] == 0:
+                    nh += 1
+        fill_holes = nh * px_um2 <= max_lumen_um2
+        fa = area[c] + (nh if fill_holes else 0)
+        if fa > max_px:
+            big[c] = 1
+            continue
+        if fa < min_px:
+            continue
+        # moments of the filled object (crop coordinates, like cv2.moments)
+        s0 = 0.0
+        sx = 0.0
+        sy = 0.0
+        for i in range(1, ch + 1):
+            for j in range(1, cw + 1):
+                v = wall[i, j]
+                if v == 1 or (v == 0 and fill_holes):
+                    s0 += 1.0
+                    sx += j - 1
+                    sy += i - 1
+        mx = sx / s0
+        my = sy / s0
+        vxx = 0.0
+        vyy = 0.0
+        vxy = 0.0
+        for i in range(1, ch + 1):
+            for j in range(1, cw + 1):
+                v = wall[i, j]
+                if v == 1 or (v == 0 and fill_holes):
+                    dx = j - 1 - mx
+                    dy = i - 1 - my
+                    vxx += dx * dx
+                    vyy += dy * dy
+                    vxy += dx * dy
+        vxx = vxx / s0 + 1.0 / 12.0
+        vyy = vyy / s0 + 1.0 / 12.0
+        vxy = vxy / s0
+        tr = vxx + vyy
+        det = vxx * vyy - vxy * vxy
+        disc = math.sqrt(max(tr * tr / 4.0 - det, 0.0))
+        elong = math.sqrt((tr / 2.0 + disc) / max(tr / 2.0 - disc, 1e-12))
+        if elong > max_elongation:
+            continue
+        if use_nuc:
+            nn = 0
+            for i in range(1, ch + 1):
+                for j in range(1, cw + 1):
+                    v = wall[i, j]
+                    if ((v == 1 or (v == 0 and fill_holes))
+                            and hema[cy0 + i - 1, cx0 + j - 1] >= nucleus_od):
+                        nn += 1
+            if nn > max_nucleus_px:
+                continue
+        stained = 0
+        odsum = 0.0
+        for i in range(1, ch + 1):
+            for j in range(1, cw + 1):
+                if wall[i, j] == 1:
+                    stained += 1
+                    odsum += dab[cy0 + i - 1, cx0 + j - 1]
+        if min_contrast_od > 0:
+            # ring: the filled object dilated by ring_k, minus the object, seeds and
+            # non-region pixels
+            ring = np.zeros((ch, cw), np.uint8)
+            kh = ring_k.shape[0]
+            for i in range(ch):
+                for j in range(cw):
+                    v = wall[i + 1, j + 1]
+                    if not (v == 1 or (v == 0 and fill_holes)):
+                        continue
+                    for a in range(kh):
+                        ii = i + a - pad
+                        if ii < 0 or ii >= ch:
+                            continue
+                        for b in range(ring_k.shape[1]):
+                            jj = j + b - pad
+                            if jj < 0 or jj >= cw or not ring_k[a, b]:
+                                continue
+                            ring[ii, jj] = 1
+            rs = 0.0
+            rn = 0
+            for i in range(ch):
+                for j in range(cw):
+                    if not ring[i, j]:
+                        continue
+                    v = wall[i + 1, j + 1]
+                    if v == 1 or (v == 0 and fill_holes):
+                        continue
+                    yy = cy0 + i
+                    xx = cx0 + j
+                    if pos[yy, xx] or not region[yy, xx]:
+                        continue
+                    if use_comp and not lut[comp[yy, xx]]:
+                        continue
+                    if use_drop and drop[yy, xx]:
+                        continue
+                    rs += dab[yy, xx]
+                    rn += 1
+            rmean = rs / rn if rn > 0 else 0.0
+            if odsum / max(stained, 1) - rmean < min_contrast_od:
+                continue
+        out[m_out, 0] = cx0 + sx / s0
+        out[m_out, 1] = cy0 + sy / s0
+        out[m_out, 2] = fa
+        out[m_out, 3] = stained
+        out[m_out, 4] = odsum
+        out[m_out, 5] = elong
+        m_out += 1
+    return out[:m_out]
+
+
+@njit(**_JIT)
+def _mark_big(lab, n, x0, y0, x1, y1, big, active):
+    for c in range(1, n + 1):
+        if not big[c]:
+            continue
+        for i in range(y0[c], y1[c] + 1):
+            for j in range(x0[c], x1[c] + 1):
+                if lab[i, j] == c:
+                    active[i, j] = 1
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -292,30 +736,47 @@ def lumen_mask(rgb: np.ndarray, *, background, mpp: float, within: np.ndarray,
     ndarray of bool, (H, W)
     """
     rgb = np.ascontiguousarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise InputError(f"`rgb` must be uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
     within = _check_2d(within, rgb.shape[:2], "within", np.bool_)
-    pale = np.empty(rgb.shape[:2], np.uint8)
-    _run(_pale_par, _pale_ser, pale.size, rgb, _od_lut(background), np.float32(max_total_od),
-         within, pale)
-    if not pale.any():
-        return np.zeros(pale.shape, bool)
-    min_px = min_area_um2 / (mpp * mpp)
-    n, lab, stats, _ = cv2.connectedComponentsWithStats(pale, connectivity=8)
-    keep = stats[:, cv2.CC_STAT_AREA] >= min_px
-    keep[0] = False
-    lumen = keep[lab]
-    if fill_um2 > 0 and keep.any():
-        fill_px = fill_um2 / (mpp * mpp)
-        for i in np.flatnonzero(keep):  # islands inside each lumen, in its bounding box
-            x0, y0 = stats[i, cv2.CC_STAT_LEFT], stats[i, cv2.CC_STAT_TOP]
-            sl = (slice(y0, y0 + stats[i, cv2.CC_STAT_HEIGHT]),
-                  slice(x0, x0 + stats[i, cv2.CC_STAT_WIDTH]))
-            holes = _holes(lab[sl] == i)
-            if holes.any():
-                nh, hl, hs, _ = cv2.connectedComponentsWithStats(holes.view(np.uint8),
-                                                                 connectivity=4)
-                small = hs[:, cv2.CC_STAT_AREA] <= fill_px
-                small[0] = False
-                lumen[sl] |= small[hl]
+    return _lumen_u8(rgb, background=background, mpp=mpp, within=within,
+                     max_total_od=max_total_od, min_area_um2=min_area_um2,
+                     fill_um2=fill_um2).view(bool)
+
+
+def _blocks(shape) -> tuple[np.ndarray, np.ndarray]:
+    """Zeroed block-occupancy map and per-band pixel counts for an image of ``shape``."""
+    hb = (shape[0] + _BLOCK - 1) // _BLOCK
+    wb = (shape[1] + _BLOCK - 1) // _BLOCK
+    return np.zeros((hb, wb), np.uint8), np.zeros(hb, np.int64)
+
+
+def _components(fg: np.ndarray, bmap: np.ndarray, nfg: np.ndarray):
+    """8-connected components of the uint8 mask ``fg`` traced inside the flagged blocks only.
+
+    Returns the int32 label image (labels in raster order of first pixels; pages of the zeroed
+    image that hold no component are never touched), n and (area, x0, y0, x1, y1) per label.
+    """
+    lab = np.zeros(fg.shape, np.int32)
+    n, area, x0, y0, x1, y1 = _label_sparse(fg, bmap, _BLOCK, int(nfg.sum()), lab)
+    return lab, int(n), (area, x0, y0, x1, y1)
+
+
+def _lumen_u8(rgb, *, background, mpp, within, max_total_od, min_area_um2,
+              fill_um2) -> np.ndarray:
+    """:func:`lumen_mask` on validated inputs, as a uint8 image (1 = lumen)."""
+    shape = rgb.shape[:2]
+    pale = np.empty(shape, np.uint8)
+    bmap, nfg = _blocks(shape)
+    _run(_pale_blocks_par, _pale_blocks_ser, pale.size, rgb, _od_lut(background),
+         np.float32(max_total_od), within, pale, bmap, nfg, _BLOCK)
+    lumen = np.zeros(shape, np.uint8)
+    if not nfg.any():
+        return lumen
+    lab, n, (area, x0, y0, x1, y1) = _components(pale, bmap, nfg)
+    del pale
+    _lumen_fill(lab, n, area, x0, y0, x1, y1, float(min_area_um2 / (mpp * mpp)),
+                float(fill_um2 / (mpp * mpp)), bool(fill_um2 > 0), lumen)
     return lumen
 
 
@@ -324,15 +785,6 @@ def code_mask(compartments: np.ndarray, codes) -> np.ndarray:
     lut = np.zeros(256, bool)
     lut[np.asarray(codes, np.int64)] = True
     return lut[np.asarray(compartments, np.uint8)]
-
-
-def _holes(obj: np.ndarray) -> np.ndarray:
-    """Pixels enclosed by ``obj`` (bool crop): background not 4-connected to the crop border."""
-    h, w = obj.shape
-    canvas = np.zeros((h + 2, w + 2), np.uint8)
-    canvas[1:-1, 1:-1] = obj
-    cv2.floodFill(canvas, np.zeros((h + 4, w + 4), np.uint8), (0, 0), 1, flags=4)
-    return canvas[1:-1, 1:-1] == 0
 
 
 def score_pixels(dab_od: np.ndarray, *, analysed: np.ndarray, compartments: np.ndarray | None,
@@ -370,13 +822,41 @@ def score_pixels(dab_od: np.ndarray, *, analysed: np.ndarray, compartments: np.n
         comp = np.full(shape, 2, np.uint8)
     else:
         comp = _check_2d(compartments, shape, "compartments", np.uint8)
-    dr = np.zeros(shape, np.bool_) if drop is None else _check_2d(drop, shape, "drop", np.bool_)
-    h = shape[0]
-    counts = np.zeros((h, 12), np.int64)
-    sums = np.zeros((h, 12), np.float64)
+    dr = None if drop is None else _check_2d(drop, shape, "drop", np.bool_)
+    out, classes, _ = _count(dab, comp, mask, None, dr, params, return_classes)
+    del out["_dropped_px"]
+    return out, classes
+
+
+_NO_U8 = np.zeros((1, 1), np.uint8)
+_NO_BOOL = np.zeros((1, 1), np.bool_)
+_NO_F32 = np.zeros((1, 1), np.float32)
+_NO_LUT = np.zeros(256, np.bool_)
+
+
+def _count(dab, comp, mask, own, drop, params: PixelParams, return_classes: bool,
+           cap_lut=None, cap_t: float = np.inf):
+    """Fused counting pass (validated, contiguous inputs; ``own``/``drop`` may be None).
+
+    Returns the counts dict (plus ``_dropped_px``: pixels of ``mask & own`` in ``drop``), the
+    class image or None, and, when ``cap_lut`` is given, (seeds, block map, band counts) of the
+    capillary seeds ``mask & ~drop & cap_lut[comp] & dab >= cap_t``.
+    """
+    shape = dab.shape
+    bmap, nfg = _blocks(shape)
+    nb = bmap.shape[0]
+    counts = np.zeros((nb, 13), np.int64)
+    sums = np.zeros((nb, 12), np.float64)
     classes = np.empty(shape if return_classes else (1, 1), np.uint8)
-    _run(_count_par, _count_ser, dab.size, dab, comp, mask, dr, _CODE_GROUP, params.thresholds,
-         counts, sums, classes, bool(return_classes))
+    want_pos = cap_lut is not None
+    pos = np.empty(shape, np.uint8) if want_pos else _NO_U8
+    t0, t1, t2 = (np.float32(x) for x in params.thresholds)
+    comp_ = comp if comp is not None else np.full(shape, 2, np.uint8)
+    _run(_count_par, _count_ser, dab.size, dab, comp_, mask,
+         own if own is not None else _NO_BOOL, own is not None,
+         drop.view(np.uint8) if drop is not None else _NO_U8, drop is not None, _CODE_GROUP,
+         t0, t1, t2, counts, sums, classes, bool(return_classes),
+         cap_lut if want_pos else _NO_LUT, np.float32(cap_t), pos, bmap, nfg, want_pos, _BLOCK)
     n = counts.sum(axis=0)
     s = sums.sum(axis=0)
     out: dict = {}
@@ -384,7 +864,8 @@ def score_pixels(dab_od: np.ndarray, *, analysed: np.ndarray, compartments: np.n
         for c in range(4):
             out[f"pix_n_{gname}_c{c}"] = int(n[g * 4 + c])
             out[f"pix_od_{gname}_c{c}"] = float(s[g * 4 + c])
-    return out, (classes if return_classes else None)
+    out["_dropped_px"] = int(n[12])
+    return out, (classes if return_classes else None), ((pos, bmap, nfg) if want_pos else None)
 
 
 def pixel_summary(counts: dict, *, groups=GROUPS) -> dict:
@@ -474,110 +955,90 @@ def positive_vessels(dab_od: np.ndarray, *, region: np.ndarray, mpp: float,
         One row per object: ``x_px, y_px`` (centroid), ``area_px`` (filled), ``stained_px``,
         ``dab_od_sum`` (over the stained pixels), ``elongation``.
     """
-    dab = np.asarray(dab_od, np.float32)
-    shape = dab.shape
-    region = _check_2d(region, shape, "region", np.bool_)
-    cols = ["x_px", "y_px", "area_px", "stained_px", "dab_od_sum", "elongation"]
-    empty = pd.DataFrame({c: pd.Series(dtype=float) for c in cols})
+    dab = np.ascontiguousarray(np.asarray(dab_od, np.float32))
+    if dab.ndim != 2:
+        raise InputError(f"`dab_od` must be a 2-D image, got shape {dab.shape}")
+    region = _check_2d(region, dab.shape, "region", np.bool_)
     if own is not None:
-        own = _check_2d(own, shape, "own", np.bool_)
-    nuc = None
+        own = _check_2d(own, dab.shape, "own", np.bool_)
     if hema_od is not None:
-        nuc = _check_2d(hema_od, shape, "hema_od") >= nucleus_od
+        hema_od = _check_2d(hema_od, dab.shape, "hema_od", np.float32)
+    return _vessels(dab, region=region, mpp=mpp, own=own, threshold_od=threshold_od,
+                    min_area_um2=min_area_um2, max_area_um2=max_area_um2,
+                    max_lumen_um2=max_lumen_um2, max_elongation=max_elongation,
+                    min_contrast_od=min_contrast_od, level_step_od=level_step_od,
+                    max_level_od=max_level_od, hema_od=hema_od, nucleus_od=nucleus_od,
+                    max_nucleus_um2=max_nucleus_um2)
+
+
+_VESSEL_COLUMNS = ["x_px", "y_px", "area_px", "stained_px", "dab_od_sum", "elongation"]
+
+
+def _vessels(dab, *, region, mpp, own=None, comp=None, codes_lut=None, drop=None, seeds=None,
+             threshold_od, min_area_um2, max_area_um2, max_lumen_um2, max_elongation,
+             min_contrast_od, level_step_od, max_level_od=1.0, hema_od=None, nucleus_od,
+             max_nucleus_um2) -> pd.DataFrame:
+    """:func:`positive_vessels` on validated contiguous inputs.
+
+    The search region is ``region & codes_lut[comp] & ~drop`` (``comp``/``drop`` optional), so
+    callers need not build it as an image; ``seeds`` = (mask, block map, band counts) of the
+    first level's object pixels when a fused pass already found them.
+
+    Objects are traced as connected components inside the blocks that hold object pixels only,
+    and each small component is measured in its own padded bounding box (enclosed lumen filled,
+    moments, nucleus area, contrast ring) by one compiled loop.
+    """
+    shape = dab.shape
     px_um2 = mpp * mpp
     ring_px = max(1, int(round(2.0 / mpp)))
     ring_k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ring_px + 1, 2 * ring_px + 1))
-    active = region
+    use_comp = comp is not None and codes_lut is not None
+    comp_ = comp if use_comp else _NO_U8
+    lut = codes_lut if use_comp else _NO_LUT
+    use_drop = drop is not None
+    drop_ = drop.view(np.uint8) if use_drop else _NO_U8
+    use_nuc = hema_od is not None
+    hema = hema_od if use_nuc else _NO_F32
     found = []
     t = float(threshold_od)
+    active = None
     while t <= max_level_od + 1e-9:
-        pos = (dab >= t) & active
-        if not pos.any():
+        if seeds is not None and active is None:
+            pos, bmap, nfg = seeds
+        else:
+            pos = np.empty(shape, np.uint8)
+            bmap, nfg = _blocks(shape)
+            _run(_seed_par, _seed_ser, dab.size, dab, np.float32(t), region, comp_, lut,
+                 use_comp, drop_, use_drop, active if active is not None else _NO_U8,
+                 active is not None, pos, bmap, nfg, _BLOCK)
+        if not nfg.any():
             break
-        res, too_big = _objects_at_level(
-            dab, pos, region, px_um2=px_um2, min_area_um2=min_area_um2,
-            max_area_um2=max_area_um2, max_lumen_um2=max_lumen_um2,
-            max_elongation=max_elongation, min_contrast_od=min_contrast_od, ring_k=ring_k,
-            nuc=nuc, max_nucleus_px=max_nucleus_um2 / px_um2, want_big=level_step_od > 0)
-        if len(res):
-            found.append(res)
-        if level_step_od <= 0 or too_big is None:
+        lab, n, (area, x0, y0, x1, y1) = _components(pos, bmap, nfg)
+        big = np.zeros(n + 1, np.uint8)
+        rows = _vessel_objects(
+            lab, n, area, x0, y0, x1, y1, dab, pos, region, comp_, lut, use_comp, drop_,
+            use_drop, hema, use_nuc, np.float32(nucleus_od), float(max_nucleus_um2 / px_um2),
+            float(px_um2), float(min_area_um2 / px_um2), float(max_area_um2 / px_um2),
+            float(max_lumen_um2), float(max_elongation), float(min_contrast_od), ring_k, big)
+        if len(rows):
+            found.append(rows)
+        if level_step_od <= 0 or not big.any():
             break
-        active = too_big  # only blobs too large at this level are split at the next
+        # only blobs too large at this level are split at the next
+        active = np.zeros(shape, np.uint8)
+        _mark_big(lab, n, x0, y0, x1, y1, big, active)
+        del lab, pos
         t += level_step_od
     if not found:
-        return empty
-    out = pd.concat(found, ignore_index=True)
+        return pd.DataFrame({c: pd.Series(dtype=float) for c in _VESSEL_COLUMNS})
+    out = pd.DataFrame(np.concatenate(found), columns=_VESSEL_COLUMNS)
+    for c in ("area_px", "stained_px"):
+        out[c] = out[c].astype(np.int64)
     if own is not None and len(out):
         xi = np.clip(np.round(out["x_px"].to_numpy()).astype(int), 0, shape[1] - 1)
         yi = np.clip(np.round(out["y_px"].to_numpy()).astype(int), 0, shape[0] - 1)
         out = out[own[yi, xi]].reset_index(drop=True)
-    return out[cols]
-
-
-def _objects_at_level(dab, pos, region, *, px_um2, min_area_um2, max_area_um2, max_lumen_um2,
-                      max_elongation, min_contrast_od, ring_k, nuc=None, max_nucleus_px=np.inf,
-                      want_big=True):
-    """Valid capillary objects among the components of ``pos`` and the too-large blobs.
-
-    One connected-component pass over the image; every small component is then measured in
-    its own bounding box (lumen filled, moments, contrast ring, nucleus), so the cost grows
-    with the number of candidates, not with the image.
-    """
-    cols = ["x_px", "y_px", "area_px", "stained_px", "dab_od_sum", "elongation"]
-    h, w = pos.shape
-    n, lab, stats, _ = cv2.connectedComponentsWithStats(pos.view(np.uint8), connectivity=8)
-    area = stats[:, cv2.CC_STAT_AREA].astype(np.int64)
-    bx, by = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
-    bw, bh = stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]
-    max_px = max_area_um2 / px_um2
-    min_px = min_area_um2 / px_um2
-    big = area > max_px
-    big[0] = False
-    cand = ~big & (bw * bh >= min_px)
-    cand[0] = False
-    pad = ring_k.shape[0] // 2
-    rows = []
-    grown_big = []
-    for i in np.flatnonzero(cand):
-        x0, y0 = max(int(bx[i]) - pad, 0), max(int(by[i]) - pad, 0)
-        x1, y1 = min(int(bx[i] + bw[i]) + pad, w), min(int(by[i] + bh[i]) + pad, h)
-        sl = (slice(y0, y1), slice(x0, x1))
-        obj = lab[sl] == i
-        holes = _holes(obj)
-        filled = obj | holes if np.count_nonzero(holes) * px_um2 <= max_lumen_um2 else obj
-        fa = int(filled.sum())
-        if fa > max_px:
-            grown_big.append(i)
-            continue
-        if fa < min_px:
-            continue
-        mom = cv2.moments(filled.view(np.uint8), binaryImage=True)
-        m00 = mom["m00"]
-        vxx, vyy = mom["mu20"] / m00 + 1 / 12, mom["mu02"] / m00 + 1 / 12
-        vxy = mom["mu11"] / m00
-        tr, det = vxx + vyy, vxx * vyy - vxy ** 2
-        disc = math.sqrt(max(tr * tr / 4 - det, 0.0))
-        elong = math.sqrt((tr / 2 + disc) / max(tr / 2 - disc, 1e-12))
-        if elong > max_elongation:
-            continue
-        if nuc is not None and np.count_nonzero(nuc[sl] & filled) > max_nucleus_px:
-            continue
-        d = dab[sl]
-        stained = int(np.count_nonzero(obj))
-        odsum = float(d[obj].sum(dtype=np.float64))
-        if min_contrast_od > 0:
-            ring = (cv2.dilate(filled.view(np.uint8), ring_k).view(bool) & ~filled
-                    & ~pos[sl] & region[sl])
-            rmean = float(d[ring].mean()) if ring.any() else 0.0
-            if odsum / max(stained, 1) - rmean < min_contrast_od:
-                continue
-        rows.append((x0 + mom["m10"] / m00, y0 + mom["m01"] / m00, fa, stained, odsum, elong))
-    too_big = None
-    if want_big and (big.any() or grown_big):
-        big[np.asarray(grown_big, np.int64)] = True
-        too_big = big[lab]
-    return pd.DataFrame(rows, columns=cols), too_big
+    return out
 
 
 # ------------------------------------------------------------------------------- contract
@@ -606,29 +1067,38 @@ def measure(ctx: ImageContext) -> Measurements:
 
     p = _params(ctx.settings)
     mpp = float(ctx.size_mpp)
-    analysed = np.asarray(ctx.analysed, bool)
-    own_mask = ctx.analysed_own
+    dab = _check_2d(ctx.dab_od, np.shape(ctx.dab_od), "dab_od", np.float32)
+    shape = dab.shape
+    analysed = _check_2d(ctx.analysed, shape, "analysed", np.bool_)
+    own = None if ctx.own is None else _check_2d(ctx.own, shape, "own", np.bool_)
+    comp = _check_2d(ctx.compartments, shape, "compartments", np.uint8)
     lumen = None
     if p.drop_lumina:
-        lumen = lumen_mask(ctx.rgb, background=ctx.stain_model.background, mpp=mpp,
-                           within=analysed, max_total_od=p.lumen_max_total_od,
-                           min_area_um2=p.lumen_min_area_um2, fill_um2=p.lumen_fill_um2)
-    counts, classes = score_pixels(ctx.dab_od, analysed=own_mask, compartments=ctx.compartments,
-                                   params=p, drop=lumen, return_classes=True)
-    counts["lumen_px"] = int(np.count_nonzero(lumen & own_mask)) if lumen is not None else 0
-    comp = np.asarray(ctx.compartments)
-    region = analysed & code_mask(comp, p.capillary_codes)
-    if lumen is not None:
-        region &= ~lumen
-    ves = positive_vessels(ctx.dab_od, region=region, mpp=mpp, own=ctx.own,
-                           threshold_od=p.capillary_od, min_area_um2=p.capillary_min_area_um2,
-                           max_area_um2=p.capillary_max_area_um2,
-                           max_lumen_um2=p.capillary_max_lumen_um2,
-                           max_elongation=p.capillary_max_elongation,
-                           min_contrast_od=p.capillary_min_contrast_od,
-                           level_step_od=p.capillary_level_step_od, hema_od=ctx.hema_od,
-                           nucleus_od=p.capillary_nucleus_od,
-                           max_nucleus_um2=p.capillary_max_nucleus_um2)
+        rgb = np.ascontiguousarray(ctx.rgb)
+        if rgb.shape != shape + (3,) or rgb.dtype != np.uint8:
+            raise InputError(f"`rgb` must be uint8 {shape + (3,)}, got {rgb.dtype} {rgb.shape}")
+        lumen = _lumen_u8(rgb, background=ctx.stain_model.background, mpp=mpp,
+                          within=analysed, max_total_od=p.lumen_max_total_od,
+                          min_area_um2=p.lumen_min_area_um2, fill_um2=p.lumen_fill_um2)
+    cap_lut = np.zeros(256, np.bool_)
+    cap_lut[np.asarray(p.capillary_codes, np.int64)] = True
+    # one pass: class counts over analysed & own minus lumina, class image, capillary seeds
+    counts, classes, seeds = _count(dab, comp, analysed, own,
+                                    None if lumen is None else lumen.view(bool), p, True,
+                                    cap_lut=cap_lut, cap_t=p.capillary_od)
+    counts["lumen_px"] = counts.pop("_dropped_px")
+    hema = (None if ctx.hema_od is None
+            else _check_2d(ctx.hema_od, shape, "hema_od", np.float32))
+    ves = _vessels(dab, region=analysed, mpp=mpp, own=own, comp=comp, codes_lut=cap_lut,
+                   drop=lumen, seeds=seeds, threshold_od=p.capillary_od,
+                   min_area_um2=p.capillary_min_area_um2,
+                   max_area_um2=p.capillary_max_area_um2,
+                   max_lumen_um2=p.capillary_max_lumen_um2,
+                   max_elongation=p.capillary_max_elongation,
+                   min_contrast_od=p.capillary_min_contrast_od,
+                   level_step_od=p.capillary_level_step_od, hema_od=hema,
+                   nucleus_od=p.capillary_nucleus_od,
+                   max_nucleus_um2=p.capillary_max_nucleus_um2)
     counts["positive_capillaries"] = int(len(ves))
     counts["capillary_stained_px"] = int(ves["stained_px"].sum()) if len(ves) else 0
     counts["capillary_od_sum"] = float(ves["dab_od_sum"].sum()) if len(ves) else 0.0
