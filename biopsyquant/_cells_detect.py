@@ -16,8 +16,11 @@ round-ish cells of similar size this equals a watershed on the distance transfor
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
+from numba import njit
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
@@ -25,7 +28,8 @@ from scipy.spatial import cKDTree
 __all__ = ["gaussian", "background_subtract", "foreground", "split_objects", "refine_large", "fill_holes",
            "trim_to_half_max",
            "expand_labels",
-           "object_stats", "nearest_label_at"]
+           "object_stats", "nearest_label_at", "candidate_blocks", "Regions", "plan_regions",
+           "group_mask", "pack_boxes"]
 
 
 def gaussian(img: np.ndarray, sigma_px: float) -> np.ndarray:
@@ -235,7 +239,9 @@ def _nearest_seed_group(ys, xs, pc, seeds, seed_comp, groups, any_group, max_dir
     """Group label (+1) of the nearest seed of the same component for each pixel.
 
     Pixels of components with at most ``max_direct`` seeds compare against those seeds
-    directly (segmented argmin); larger components use a k-d tree.
+    directly (segmented argmin); larger components use a k-d tree of their own seeds. The
+    result depends only on the component's own seeds and pixels (translation-invariant), so
+    that a component gives the same cells wherever it lies in the image.
     """
     order = np.argsort(seed_comp, kind="stable")
     sc_sorted = seed_comp[order]
@@ -254,13 +260,19 @@ def _nearest_seed_group(ys, xs, pc, seeds, seed_comp, groups, any_group, max_dir
         pick = sj[np.arange(len(dc)), d2.argmin(axis=1)]
         out[direct] = groups[pick] + 1
     if (~direct).any():
-        ky, kx, kc = ys[~direct], xs[~direct], pc[~direct]
-        k = min(8, len(seeds))
-        _, nn = cKDTree(seeds.astype(np.float64)).query(np.stack([ky, kx], axis=1), k=k)
-        nn = nn.reshape(len(kc), k)
-        ok = seed_comp[nn] == kc[:, None]
-        pick = nn[np.arange(len(kc)), ok.argmax(axis=1)]
-        out[~direct] = np.where(ok.any(axis=1), groups[pick] + 1, any_group[kc] + 1)
+        # larger components: a k-d tree of the component's own seeds, in coordinates relative
+        # to the seeds' corner so that the answer (ties included) depends on nothing else
+        sel = np.flatnonzero(~direct)
+        sel = sel[np.argsort(pc[sel], kind="stable")]
+        bounds = np.flatnonzero(np.diff(pc[sel])) + 1
+        for part in np.split(sel, bounds):
+            s0 = int(start[part[0]])
+            sidx = order[s0:s0 + int(cnt[part[0]])]
+            pts = seeds[sidx]
+            corner = pts.min(axis=0)
+            q = np.stack([ys[part] - corner[0], xs[part] - corner[1]], axis=1)
+            _, nn = cKDTree((pts - corner).astype(np.float64)).query(q.astype(np.float64))
+            out[part] = groups[sidx[nn]] + 1
     return out
 
 
@@ -428,3 +440,134 @@ def nearest_label_at(labels: np.ndarray, rows: np.ndarray, cols: np.ndarray,
     out = obj[near[rows, cols]]
     out[dist[rows, cols] > max_distance_px] = 0
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# sparse evaluation: the detection chain runs only on padded regions around candidate pixels,
+# packed side by side into one small "atlas" image
+
+
+@njit(cache=True, nogil=True)
+def _block_any_above(det, threshold, mask, use_mask, block, out):  # pragma: no cover - numba
+    h, w = det.shape
+    nby, nbx = out.shape
+    for by in range(nby):
+        y0 = by * block
+        y1 = min(y0 + block, h)
+        for bx in range(nbx):
+            x0 = bx * block
+            x1 = min(x0 + block, w)
+            found = False
+            for y in range(y0, y1):
+                for x in range(x0, x1):
+                    if det[y, x] > threshold and (not use_mask or mask[y, x] != 0):
+                        found = True
+                        break
+                if found:
+                    break
+            out[by, bx] = 1 if found else 0
+
+
+def candidate_blocks(det: np.ndarray, threshold: float, mask: np.ndarray | None,
+                     block: int) -> np.ndarray:
+    """uint8 (ceil(H/block), ceil(W/block)): 1 where a block holds a pixel ``det > threshold``
+    inside ``mask`` (the foreground of :func:`foreground`, at block resolution)."""
+    h, w = det.shape
+    out = np.zeros((-(-h // block), -(-w // block)), np.uint8)
+    m = mask.view(np.uint8) if mask is not None else np.zeros((1, 1), np.uint8)
+    _block_any_above(det, np.float32(threshold), m, mask is not None, int(block), out)
+    return out
+
+
+@dataclass(frozen=True)
+class Regions:
+    """Rectangles of an image that hold every candidate pixel, grouped so that no operation of
+    the detection chain links pixels of two different groups.
+
+    Attributes
+    ----------
+    block : int
+        Block size (px) of ``group``.
+    group : ndarray of int32 (nby, nbx)
+        Group id per block (0 = no group); a group's pixels are its blocks.
+    boxes : ndarray of int64 (n, 5)
+        Per group: y0, y1, x0, x1 (pixel rectangle, end exclusive) and group id.
+    border : ndarray of bool (n,)
+        The rectangle was clipped by the image border (it lacks the full margin on that side).
+    """
+
+    block: int
+    group: np.ndarray
+    boxes: np.ndarray
+    border: np.ndarray
+
+
+def plan_regions(cand: np.ndarray, block: int, shape: tuple[int, int], *, reach_px: float,
+                 margin_px: int) -> Regions:
+    """Group candidate blocks and give each group a rectangle with ``margin_px`` of context.
+
+    Blocks closer than ``reach_px`` (the largest distance over which the detection chain lets
+    two foreground pixels influence each other) end up in the same group; each rectangle is
+    the bounding box of its group's candidate blocks grown by ``margin_px``.
+    """
+    h, w = shape
+    rb = max(0, int(np.ceil((reach_px / block - 1) / 2)))
+    dil = cand if rb == 0 else cv2.dilate(cand, cv2.getStructuringElement(
+        cv2.MORPH_RECT, (2 * rb + 1, 2 * rb + 1)))
+    n, group = cv2.connectedComponents(dil, connectivity=8, ltype=cv2.CV_32S)
+    if n <= 1:
+        return Regions(block, group, np.zeros((0, 5), np.int64), np.zeros(0, bool))
+    # bounding boxes of each group's candidate blocks (not of the dilated ones)
+    gy, gx = np.nonzero(cand)
+    g = group[gy, gx]
+    ymin = np.full(n, 1 << 40, np.int64)
+    xmin = np.full(n, 1 << 40, np.int64)
+    ymax = np.full(n, -1, np.int64)
+    xmax = np.full(n, -1, np.int64)
+    np.minimum.at(ymin, g, gy)
+    np.minimum.at(xmin, g, gx)
+    np.maximum.at(ymax, g, gy)
+    np.maximum.at(xmax, g, gx)
+    ids = np.flatnonzero(ymax >= 0)
+    ids = ids[ids > 0]
+    y0 = ymin[ids] * block - margin_px
+    x0 = xmin[ids] * block - margin_px
+    y1 = (ymax[ids] + 1) * block + margin_px
+    x1 = (xmax[ids] + 1) * block + margin_px
+    border = (y0 < 0) | (x0 < 0) | (y1 > h) | (x1 > w)
+    boxes = np.stack([np.maximum(y0, 0), np.minimum(y1, h), np.maximum(x0, 0),
+                      np.minimum(x1, w), ids], axis=1).astype(np.int64)
+    return Regions(block, group, boxes, border)
+
+
+def group_mask(regions: Regions, box: np.ndarray) -> np.ndarray:
+    """bool mask of the pixels of ``box`` (a row of ``regions.boxes``) in its group's blocks."""
+    y0, y1, x0, x1, gid = (int(v) for v in box)
+    b = regions.block
+    by0, bx0 = y0 // b, x0 // b
+    sub = (regions.group[by0:-(-y1 // b), bx0:-(-x1 // b)] == gid)
+    up = np.repeat(np.repeat(sub, b, axis=0), b, axis=1)
+    return up[y0 - by0 * b:y1 - by0 * b, x0 - bx0 * b:x1 - bx0 * b]
+
+
+def pack_boxes(heights: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                                                 tuple[int, int]]:
+    """Shelf packing of rectangles: (row, col) offset of each and the atlas shape."""
+    n = len(heights)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), (0, 0)
+    area = float(np.sum(heights.astype(np.float64) * widths))
+    aw = int(max(widths.max(), np.ceil(np.sqrt(area) * 1.15)))
+    order = np.argsort(-heights, kind="stable")
+    ay = np.zeros(n, np.int64)
+    ax = np.zeros(n, np.int64)
+    shelf_y = shelf_h = cur_x = 0
+    for i in order:
+        hh, ww = int(heights[i]), int(widths[i])
+        if cur_x + ww > aw:
+            shelf_y += shelf_h
+            shelf_h = cur_x = 0
+        ay[i], ax[i] = shelf_y, cur_x
+        cur_x += ww
+        shelf_h = max(shelf_h, hh)
+    return ay, ax, (shelf_y + shelf_h, aw)

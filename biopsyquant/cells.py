@@ -303,21 +303,19 @@ def _split_intensity(params: CellParams, det: np.ndarray, hema: np.ndarray, um: 
     return None
 
 
-def _segment(channel: np.ndarray, mask: np.ndarray | None, threshold: float, *,
-             params: CellParams, um: float, px_area_um2: float, hema: np.ndarray,
-             split_kwargs: dict, origin: tuple[int, int], hema_weight: np.ndarray | None,
-             trim: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Smooth, background-subtract, threshold and split one detection channel -> labels."""
+def _det_map(channel: np.ndarray, *, params: CellParams, um: float,
+             origin: tuple[int, int]) -> np.ndarray:
+    """Detection image: the channel clipped at 0, smoothed and background-subtracted."""
     det = np.maximum(channel, 0)
     det = _d.gaussian(det, params.smoothing_sigma_um * um)
-    det = _d.background_subtract(det, params.background_radius_um * um, origin)
-    fg = _d.foreground(det, threshold, mask)
+    return _d.background_subtract(det, params.background_radius_um * um, origin)
+
+
+def _chain(fg: np.ndarray, det: np.ndarray, weight: np.ndarray | None, *, params: CellParams,
+           px_area_um2: float, um: float, split_kwargs: dict, trim: bool) -> np.ndarray:
+    """Fill holes, split touching cells, refine oversized blobs and trim edges -> labels."""
     if params.fill_holes_um2 > 0:
         fg = _d.fill_holes(fg, params.fill_holes_um2 / px_area_um2)
-    if params.split_by == "shape+hematoxylin":
-        weight = hema_weight  # shared by both passes
-    else:
-        weight = _split_intensity(params, det, hema, um)
     kw = dict(split_kwargs, intensity=weight)
     labels = _d.split_objects(fg, **kw)
     del fg
@@ -329,12 +327,300 @@ def _segment(channel: np.ndarray, mask: np.ndarray | None, threshold: float, *,
         labels = _d.trim_to_half_max(labels, det, params.boundary_fraction,
                                      params.fill_holes_um2 / px_area_um2,
                                      cap=params.boundary_max_od or np.inf)
+    return labels
+
+
+def _segment(channel: np.ndarray, mask: np.ndarray | None, threshold: float, *,
+             params: CellParams, um: float, px_area_um2: float, hema: np.ndarray,
+             split_kwargs: dict, origin: tuple[int, int], hema_weight: np.ndarray | None,
+             trim: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Smooth, background-subtract, threshold and split one detection channel -> labels."""
+    det = _det_map(channel, params=params, um=um, origin=origin)
+    fg = _d.foreground(det, threshold, mask)
+    if params.split_by == "shape+hematoxylin":
+        weight = hema_weight  # shared by both passes
+    else:
+        weight = _split_intensity(params, det, hema, um)
+    labels = _chain(fg, det, weight, params=params, px_area_um2=px_area_um2, um=um,
+                    split_kwargs=split_kwargs, trim=trim)
     return labels, det
 
 
 def _empty_table() -> pd.DataFrame:
     dtypes = {"cell_id": np.int64, "grade": np.int8, "positive": bool, "area_px": np.int64}
     return pd.DataFrame({c: pd.Series(dtype=dtypes.get(c, np.float64)) for c in CELL_COLUMNS})
+
+
+# ----------------------------------------------------------------------------------------------
+# sparse evaluation
+#
+# Cells cover a few % of a section. The detection images (smoothing + background, both anchored
+# to slide coordinates) are computed over the whole image with fast OpenCV filters; everything
+# after the threshold (hole filling, distance transforms, markers, splitting, refinement,
+# trimming, per-object statistics) runs only on rectangles around the foreground. Foreground
+# pixels closer than the chain's reach (distance-transform smoothing + marker window) share a
+# rectangle, every rectangle keeps a margin of more than half that reach, and the rectangles
+# are packed side by side into one small "atlas" image, so that the chain sees exactly what it
+# sees on the whole image. Rectangles clipped by the image border run on their own (the image
+# border then plays its usual part).
+
+_BLOCK = 8  # px, resolution of the candidate grid
+
+
+def _reach(params: CellParams, um: float) -> tuple[float, int]:
+    """(reach, margin) in px: the largest distance over which the chain couples foreground
+    pixels, and the context kept around each rectangle."""
+    sigma = params.split_sigma_um * um
+    r_dist = int(np.ceil(3 * sigma)) if sigma > 0 else 0  # Gaussian half-width (_d.gaussian)
+    w_half = max(3, int(round(params.cell_min_diameter_um * um)) | 1) // 2  # marker window
+    reach = 2 * r_dist + w_half + 2
+    r_hmax = int(np.ceil(3 * um))  # nucleus evidence (hematoxylin smoothed over 1 µm)
+    margin = max(int(np.ceil(reach / 2)) + 1, r_hmax + 1, 2)
+    return float(reach), margin
+
+
+@dataclass
+class _Piece:
+    """One atlas (or one border rectangle) of a sparse pass and its values."""
+
+    labels: np.ndarray              # int32 labels in atlas coordinates
+    boxes: np.ndarray               # (k, 4) y0, y1, x0, x1 in image pixels
+    at: np.ndarray                  # (k, 2) atlas row/col of each box
+    crop: np.ndarray | None         # int32 box index + 1 per atlas pixel (None: one box)
+    values: dict[str, np.ndarray]   # float32 maps in atlas coordinates
+
+
+def _pass_sparse(det: np.ndarray, mask: np.ndarray | None, threshold: float,
+                 weight: np.ndarray | None, sources: dict[str, np.ndarray], *,
+                 params: CellParams, um: float, px_area_um2: float, split_kwargs: dict,
+                 trim: bool) -> list[_Piece]:
+    """One detection pass evaluated on the candidate rectangles only (see above)."""
+    h, w = det.shape
+    cand = _d.candidate_blocks(det, threshold, mask, _BLOCK)
+    if not cand.any():
+        return []
+    reach, margin = _reach(params, um)
+    reg = _d.plan_regions(cand, _BLOCK, (h, w), reach_px=reach, margin_px=margin)
+    chain = dict(params=params, px_area_um2=px_area_um2, um=um, split_kwargs=split_kwargs,
+                 trim=trim)
+    t = np.float32(threshold)
+    pieces = []
+    # rectangles clipped by the image border: on their own, as views of the image
+    for box in reg.boxes[reg.border]:
+        y0, y1, x0, x1 = (int(v) for v in box[:4])
+        sl = (slice(y0, y1), slice(x0, x1))
+        fg = (det[sl] > t) & _d.group_mask(reg, box)
+        if mask is not None:
+            fg &= mask[sl]
+        lab = _chain(fg.view(np.uint8), det[sl], None if weight is None else weight[sl],
+                     **chain)
+        if lab.any():
+            pieces.append(_Piece(lab, box[None, :4].copy(), np.zeros((1, 2), np.int64), None,
+                                 {k: v[sl] for k, v in sources.items()}))
+    inner = reg.boxes[~reg.border]
+    if len(inner) == 0:
+        return pieces
+    hh = inner[:, 1] - inner[:, 0]
+    ww = inner[:, 3] - inner[:, 2]
+    ay, ax, ashape = _d.pack_boxes(hh, ww)
+    a_fg = np.zeros(ashape, np.uint8)
+    a_det = np.zeros(ashape, np.float32)
+    a_w = None if weight is None else np.zeros(ashape, np.float32)
+    a_src = {k: np.zeros(ashape, np.float32) for k in sources}
+    a_crop = np.zeros(ashape, np.int32)
+    for i, box in enumerate(inner):
+        y0, y1, x0, x1 = (int(v) for v in box[:4])
+        sl = (slice(y0, y1), slice(x0, x1))
+        asl = (slice(int(ay[i]), int(ay[i]) + y1 - y0), slice(int(ax[i]), int(ax[i]) + x1 - x0))
+        d = det[sl]
+        a_det[asl] = d
+        fg = (d > t) & _d.group_mask(reg, box)
+        if mask is not None:
+            fg &= mask[sl]
+        a_fg[asl] = fg
+        if a_w is not None:
+            a_w[asl] = weight[sl]
+        for k, v in sources.items():
+            a_src[k][asl] = v[sl]
+        a_crop[asl] = i + 1
+    lab = _chain(a_fg, a_det, a_w, **chain)
+    del a_fg, a_w
+    pieces.append(_Piece(lab, inner[:, :4].copy(), np.stack([ay, ax], axis=1), a_crop, a_src))
+    return pieces
+
+
+def _piece_stats(piece: _Piece, t1: np.float32) -> dict[str, np.ndarray]:
+    """Per-object statistics of one piece (objects in label order, image coordinates)."""
+    lab_img = piece.labels
+    flat = lab_img.ravel()
+    idx = np.flatnonzero(flat)
+    lab = flat[idx]
+    n = int(lab.max())
+    count = np.bincount(lab, minlength=n + 1)
+    ids = np.flatnonzero(count)
+    ids = ids[ids > 0]
+    ys, xs = np.divmod(idx, lab_img.shape[1])
+    if piece.crop is None:
+        dy, dx = piece.boxes[0, 0], piece.boxes[0, 2]
+        ys = ys + dy
+        xs = xs + dx
+    else:
+        c = piece.crop.ravel()[idx] - 1
+        ys = ys + (piece.boxes[:, 0] - piece.at[:, 0])[c]
+        xs = xs + (piece.boxes[:, 2] - piece.at[:, 1])[c]
+    out = {"label": ids, "count": count[ids].astype(np.float64),
+           "sum_x": np.bincount(lab, weights=xs, minlength=n + 1)[ids],
+           "sum_y": np.bincount(lab, weights=ys, minlength=n + 1)[ids]}
+    v = piece.values
+    dab = v["dab"].ravel()[idx]
+    out["sum_dab"] = np.bincount(lab, weights=dab, minlength=n + 1)[ids]
+    out["sum_hema"] = np.bincount(lab, weights=v["hema"].ravel()[idx], minlength=n + 1)[ids]
+    out["sum_dabpos"] = np.bincount(lab, weights=dab >= t1, minlength=n + 1)[ids]
+    if "dabc" in v:
+        out["sum_dabc"] = np.bincount(lab, weights=v["dabc"].ravel()[idx], minlength=n + 1)[ids]
+    dmax = np.zeros(n + 1, np.float32)
+    np.maximum.at(dmax, lab, dab)
+    out["dmax"] = dmax[ids]
+    hmax = np.zeros(n + 1, np.float32)
+    np.maximum.at(hmax, lab, v["hmax"].ravel()[idx])
+    out["hmax"] = hmax[ids]
+    return out
+
+
+def _paste(pieces: list[_Piece], out: np.ndarray, relabel: list[np.ndarray]) -> None:
+    """Write each piece's labels (mapped through its ``relabel`` table) into ``out``."""
+    for piece, table in zip(pieces, relabel, strict=True):
+        lab = table[piece.labels]
+        for (y0, y1, x0, x1), (ay, ax) in zip(piece.boxes, piece.at, strict=True):
+            src = lab[ay:ay + y1 - y0, ax:ax + x1 - x0]
+            np.copyto(out[y0:y1, x0:x1], src, where=src > 0)
+
+
+def _objects_sparse(hema, dab, mask, *, params, um, px_area_um2, split_kwargs, origin):
+    """Objects of both passes with their statistics, evaluated sparsely.
+
+    Returns the statistics (arrays of length n + 1, index 0 unused, as ``_d.object_stats``),
+    object maxima of DAB and of the smoothed hematoxylin, whether DAB contrast was measured,
+    and a function writing the relabelled objects into a full-size label image.
+    """
+    hema_weight = None
+    if params.split_by == "shape+hematoxylin":
+        hema_weight = _split_intensity(params, hema, hema, um)
+    hsmooth = _d.gaussian(hema, 1.0 * um)
+    kw = dict(params=params, um=um, px_area_um2=px_area_um2, split_kwargs=split_kwargs)
+
+    def weight_for(det):
+        if params.split_by == "shape+hematoxylin":
+            return hema_weight
+        return _split_intensity(params, det, hema, um)
+
+    channel = params.detection_channel
+    passes = []
+    if channel == "dab+hematoxylin":
+        dab_det = _det_map(dab, params=params, um=um, origin=origin)
+        src = {"dab": dab, "hema": hema, "hmax": hsmooth, "dabc": dab_det}
+        p1 = _pass_sparse(dab_det, mask, params.dab_detection_threshold_od, weight_for(dab_det),
+                          src, trim=True, **kw)
+        occ = np.zeros(hema.shape, np.uint8)
+        _paste(p1, occ, [np.minimum(np.arange(int(p.labels.max()) + 1), 1).astype(np.uint8)
+                         for p in p1])
+        gap = int(round(params.nucleus_exclusion_um * um))
+        if gap > 0:
+            occ = cv2.dilate(occ, cv2.getStructuringElement(
+                cv2.MORPH_ELLIPSE, (2 * gap + 1, 2 * gap + 1)))
+        free = occ == 0
+        if mask is not None:
+            free &= mask
+        del occ
+        hdet = _det_map(hema, params=params, um=um, origin=origin)
+        p2 = _pass_sparse(hdet, free, params.detection_threshold_od, weight_for(hdet), src,
+                          trim=False, **kw)
+        passes = p1 + p2
+    else:
+        det = {"hematoxylin": hema, "dab": dab}.get(channel)
+        if det is None:
+            det = hema + dab
+        det = _det_map(det, params=params, um=um, origin=origin)
+        src = {"dab": dab, "hema": hema, "hmax": hsmooth}
+        if channel == "dab":
+            src["dabc"] = det
+        elif params.min_dab_contrast_od > 0:
+            src["dabc"] = _det_map(dab, params=params, um=um, origin=origin)
+        passes = _pass_sparse(det, mask, params.detection_threshold_od, weight_for(det), src,
+                              trim=True, **kw)
+    has_c = bool(passes) and "dabc" in passes[0].values
+    stats = [_piece_stats(p, np.float32(params.dab_threshold_1_od)) for p in passes]
+    keys = ["count", "sum_x", "sum_y", "sum_dab", "sum_hema", "sum_dabpos", "dmax", "hmax"] + (
+        ["sum_dabc"] if has_c else [])
+    st = {k: np.concatenate([np.zeros(1)] + [s[k] for s in stats]) for k in keys}
+    sizes = [len(s["label"]) for s in stats]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def paste(relabel: np.ndarray) -> np.ndarray:
+        """relabel: new id per object (index = 1 + object index) -> full label image."""
+        out = np.zeros(hema.shape, np.int32)
+        tables = []
+        for p, s, k0 in zip(passes, stats, starts[:-1], strict=True):
+            tab = np.zeros(int(p.labels.max()) + 1, np.int32)
+            tab[s["label"]] = relabel[1 + k0:1 + k0 + len(s["label"])]
+            tables.append(tab)
+        _paste(passes, out, tables)
+        return out
+
+    dmax = st.pop("dmax").astype(np.float32)
+    hmax = st.pop("hmax").astype(np.float32)
+    return st, dmax, hmax, has_c, paste
+
+
+def _objects_dense(hema, dab, mask, *, params, um, px_area_um2, split_kwargs, origin):
+    """Objects of both passes and their statistics, the chain run over the whole image."""
+    hema_weight = None
+    if params.split_by == "shape+hematoxylin":  # one smoothed weight shared by both passes
+        hema_weight = _split_intensity(params, hema, hema, um)
+    seg = dict(params=params, um=um, px_area_um2=px_area_um2, hema=hema,
+               split_kwargs=split_kwargs, origin=origin, hema_weight=hema_weight)
+    channel = params.detection_channel
+    if channel == "dab+hematoxylin":
+        # pass 1: DAB-stained cell bodies (markers weighted by hematoxylin: one per nucleus)
+        labels, dab_det = _segment(dab, mask, params.dab_detection_threshold_od, **seg)
+        # pass 2: hematoxylin nuclei outside the stained cells -> (negative) cells
+        free = (labels == 0).view(np.uint8)
+        gap = int(round(params.nucleus_exclusion_um * um))
+        if gap > 0:
+            free = cv2.erode(free, cv2.getStructuringElement(
+                cv2.MORPH_ELLIPSE, (2 * gap + 1, 2 * gap + 1)))
+        free = free.view(bool) if mask is None else (free.view(bool) & mask)
+        nuclei, _ = _segment(hema, free, params.detection_threshold_od, trim=False, **seg)
+        na = int(labels.max())
+        labels = np.where(nuclei > 0, nuclei + na, labels).astype(np.int32)
+        del nuclei, free
+    else:
+        det = {"hematoxylin": hema, "dab": dab}.get(channel)
+        if det is None:  # optical density sum
+            det = hema + dab
+        labels, det = _segment(det, mask, params.detection_threshold_od, **seg)
+        dab_det = det if channel == "dab" else None
+        del det
+    if dab_det is None and params.min_dab_contrast_od > 0:
+        dab_det = _d.background_subtract(
+            _d.gaussian(np.maximum(dab, 0), params.smoothing_sigma_um * um),
+            params.background_radius_um * um, origin)
+    n = int(labels.max()) if labels.size else 0
+    if n == 0:
+        return labels, {"count": np.zeros(1)}, None, None, False
+    t1 = np.float32(params.dab_threshold_1_od)
+    idx = np.flatnonzero(labels.ravel())
+    values = {"dab": dab, "hema": hema, "dabpos": (dab >= t1).view(np.uint8)}
+    if dab_det is not None:
+        values["dabc"] = dab_det
+    st = _d.object_stats(labels, n, values, idx)
+    lab_o = labels.ravel()[idx]
+    dmax = np.zeros(n + 1, np.float32)
+    np.maximum.at(dmax, lab_o, dab.ravel()[idx])
+    hmax = np.zeros(n + 1, np.float32)
+    # nucleus evidence: maximum of the hematoxylin smoothed over 1 µm
+    np.maximum.at(hmax, lab_o, _d.gaussian(hema, 1.0 * um).ravel()[idx])
+    return labels, st, dmax, hmax, dab_det is not None
 
 
 def detect_cells(
@@ -345,6 +631,7 @@ def detect_cells(
     params: CellParams | None = None,
     mask: np.ndarray | None = None,
     origin: tuple[int, int] = (0, 0),
+    sparse: bool = True,
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Detect cells, split touching ones, measure DAB and grade each cell.
 
@@ -362,6 +649,11 @@ def detect_cells(
     origin : (int, int)
         (x, y) of the image's top-left pixel in slide coordinates; anchors the coarse
         background grid so that a tile and the whole slide give the same cells.
+    sparse : bool
+        Run the detection chain only on rectangles around the foreground (default; several
+        times faster on sections where cells cover a small part of the tissue). False runs it
+        over the whole image; both give the same cells (the sparse evaluation keeps enough
+        context around every rectangle, see the module source).
 
     Returns
     -------
@@ -398,53 +690,21 @@ def detect_cells(
                         max_diameter_px=params.cell_max_diameter_um * um,
                         sigma_px=params.split_sigma_um * um,
                         merge_ratio=params.split_merge_ratio, split=params.split_touching)
-    hema_weight = None
-    if params.split_by == "shape+hematoxylin":  # one smoothed weight shared by both passes
-        hema_weight = _split_intensity(params, hema, hema, um)
-    seg = dict(params=params, um=um, px_area_um2=px_area_um2, hema=hema,
-               split_kwargs=split_kwargs, origin=origin, hema_weight=hema_weight)
-    channel = params.detection_channel
-    if channel == "dab+hematoxylin":
-        # pass 1: DAB-stained cell bodies (markers weighted by hematoxylin: one per nucleus)
-        labels, dab_det = _segment(dab, mask, params.dab_detection_threshold_od, **seg)
-        # pass 2: hematoxylin nuclei outside the stained cells -> (negative) cells
-        free = (labels == 0).view(np.uint8)
-        gap = int(round(params.nucleus_exclusion_um * um))
-        if gap > 0:
-            free = cv2.erode(free, cv2.getStructuringElement(
-                cv2.MORPH_ELLIPSE, (2 * gap + 1, 2 * gap + 1)))
-        free = free.view(bool) if mask is None else (free.view(bool) & mask)
-        nuclei, _ = _segment(hema, free, params.detection_threshold_od, trim=False, **seg)
-        na = int(labels.max())
-        labels = np.where(nuclei > 0, nuclei + na, labels).astype(np.int32)
-        del nuclei, free
+    t1 = np.float32(params.dab_threshold_1_od)
+    need_cell = params.cell_expansion_um > 0 and params.compartment in ("cytoplasm", "cell")
+    if sparse and not need_cell:
+        st, dmax, hmax, has_c, paste = _objects_sparse(
+            hema, dab, mask, params=params, um=um, px_area_um2=px_area_um2,
+            split_kwargs=split_kwargs, origin=origin)
+        n = len(st["count"]) - 1
+        labels = None
     else:
-        det = {"hematoxylin": hema, "dab": dab}.get(channel)
-        if det is None:  # optical density sum
-            det = hema + dab
-        labels, det = _segment(det, mask, params.detection_threshold_od, **seg)
-        dab_det = det if channel == "dab" else None
-        del det
-    if dab_det is None and params.min_dab_contrast_od > 0:
-        dab_det = _d.background_subtract(
-            _d.gaussian(np.maximum(dab, 0), params.smoothing_sigma_um * um),
-            params.background_radius_um * um, origin)
-    n = int(labels.max()) if labels.size else 0
+        labels, st, dmax, hmax, has_c = _objects_dense(
+            hema, dab, mask, params=params, um=um, px_area_um2=px_area_um2,
+            split_kwargs=split_kwargs, origin=origin)
+        n = len(st["count"]) - 1
     if n == 0:
         return _empty_table(), np.zeros(hema.shape, np.int32)
-
-    t1 = np.float32(params.dab_threshold_1_od)
-    idx = np.flatnonzero(labels.ravel())
-    values = {"dab": dab, "hema": hema, "dabpos": (dab >= t1).view(np.uint8)}
-    if dab_det is not None:
-        values["dabc"] = dab_det
-    st = _d.object_stats(labels, n, values, idx)
-    lab_o = labels.ravel()[idx]
-    dmax = np.zeros(n + 1, np.float32)
-    np.maximum.at(dmax, lab_o, dab.ravel()[idx])
-    hmax = np.zeros(n + 1, np.float32)
-    # nucleus evidence: maximum of the hematoxylin smoothed over 1 µm
-    np.maximum.at(hmax, lab_o, _d.gaussian(hema, 1.0 * um).ravel()[idx])
 
     # area filter on the detected objects
     area_px = st["count"]
@@ -453,7 +713,7 @@ def detect_cells(
     keep[0] = False
     relabel = np.zeros(n + 1, np.int32)
     relabel[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    labels = relabel[labels]
+    labels = paste(relabel) if labels is None else relabel[labels]
     kept = np.flatnonzero(keep)
     m = len(kept)
     if m == 0:
@@ -462,7 +722,6 @@ def detect_cells(
     cnt = area_px[kept]
     nuc_dab = st["sum_dab"][kept] / cnt
     nuc_pos = st["sum_dabpos"][kept] / cnt
-    need_cell = params.cell_expansion_um > 0 and params.compartment in ("cytoplasm", "cell")
     if need_cell:
         cells_lab = _d.expand_labels(labels, params.cell_expansion_um * um, mask)
         cst = _d.object_stats(cells_lab, m, {"dab": dab, "dabpos": (dab >= t1).view(np.uint8)})
@@ -483,7 +742,7 @@ def detect_cells(
         meas, frac = cell_dab, cell_pos
     else:
         meas, frac = np.nan_to_num(cyto_dab, nan=0.0), cyto_pos
-    contrast = st["sum_dabc"][kept] / cnt if dab_det is not None else np.full(m, np.nan)
+    contrast = st["sum_dabc"][kept] / cnt if has_c else np.full(m, np.nan)
     grade, positive = grade_cells(meas, frac, params, contrast=contrast)
     if params.min_nucleus_od > 0:  # a positive cell has a nucleus (as in QuPath)
         has_nucleus = hmax[kept] >= params.min_nucleus_od
