@@ -65,48 +65,10 @@ _JIT = {"cache": True, "nogil": True}
 #: Windows of the nucleus-depth stack are processed in chunks of at most this many pixels.
 _DEPTH_STACK_MAX_PIXELS = 4_000_000
 
+_DUMMY_F32 = np.zeros((1, 1), np.float32)
+
 
 # --------------------------------------------------------------------------- compiled passes
-
-
-@njit(**_JIT)
-def _scan(lab, near_out, use_out, near_ex, use_ex, n):
-    """Per label: count, moment sums about the first pixel met, bounding box, mask contacts."""
-    h, w = lab.shape
-    count = np.zeros(n + 1, np.int64)
-    ref = np.zeros((n + 1, 2), np.int64)        # (y, x) of the first pixel met (raster order)
-    sums = np.zeros((n + 1, 5), np.int64)       # sx, sy, sxx, syy, sxy (relative to ref)
-    box = np.empty((n + 1, 4), np.int64)        # ymin, ymax, xmin, xmax (inclusive)
-    touch = np.zeros((n + 1, 2), np.uint8)      # near non-tissue, near an exclusion
-    for y in range(h):
-        for x in range(w):
-            lv = lab[y, x]
-            if lv <= 0:
-                continue
-            if count[lv] == 0:
-                ref[lv, 0] = y
-                ref[lv, 1] = x
-                box[lv, 0] = y
-                box[lv, 2] = x
-                box[lv, 3] = x
-            count[lv] += 1
-            dx = x - ref[lv, 1]
-            dy = y - ref[lv, 0]
-            sums[lv, 0] += dx
-            sums[lv, 1] += dy
-            sums[lv, 2] += dx * dx
-            sums[lv, 3] += dy * dy
-            sums[lv, 4] += dx * dy
-            box[lv, 1] = y
-            if x < box[lv, 2]:
-                box[lv, 2] = x
-            if x > box[lv, 3]:
-                box[lv, 3] = x
-            if use_out and near_out[y, x]:
-                touch[lv, 0] = 1
-            if use_ex and near_ex[y, x]:
-                touch[lv, 1] = 1
-    return count, ref, sums, box, touch
 
 
 @njit(**_JIT)
@@ -120,53 +82,231 @@ def _is_border(lab, y, x, lv, h, w):
 
 
 @njit(**_JIT)
-def _outline(lab, box, row_off, n):
-    """Row extremes of every label and its perimeter code counts.
+def _perimeter_code(lab, y, x, lv, h, w):
+    """Code of border pixel (y, x) in ``skimage.measure.perimeter(neighborhood=4)``: the
+    border image convolved with [[10, 2, 10], [2, 1, 2], [10, 2, 10]]."""
+    code = 1
+    for dy in range(-1, 2):
+        yy = y + dy
+        if yy < 0 or yy >= h:
+            continue
+        for dx in range(-1, 2):
+            if dy == 0 and dx == 0:
+                continue
+            xx = x + dx
+            if xx < 0 or xx >= w or lab[yy, xx] != lv:
+                continue
+            if _is_border(lab, yy, xx, lv, h, w):
+                code += 10 if (dy != 0 and dx != 0) else 2
+    return code
 
-    Returns ``left``, ``right`` (per label row ``row_off[l] + y - ymin``: leftmost and
-    rightmost column, -1 for rows without the label) and ``pcount`` (n + 1, 3): border pixels
-    whose skimage perimeter code weighs 1, sqrt(2) and (1 + sqrt(2)) / 2.
+
+@njit(**_JIT)
+def _measure(lab, near_out, use_out, near_ex, use_ex, dist, use_dist, n):
+    """One raster pass over the label image, run by run (a run = pixels of one label in a row).
+
+    Per label (index = label value): pixel count; first and second moment sums relative to
+    the first pixel met (exact integers); bounding box; contact with ``near_out`` /
+    ``near_ex``; minimum of ``dist``; the counts of border pixels whose skimage perimeter code
+    weighs 1, sqrt(2) and (1 + sqrt(2)) / 2. Also every run (label, row, first, last column)
+    in raster order, for the convex hulls.
     """
     h, w = lab.shape
-    total = row_off[n + 1]
-    left = np.full(total, -1, np.int64)
-    right = np.full(total, -1, np.int64)
+    count = np.zeros(n + 1, np.int64)
+    ref = np.zeros((n + 1, 2), np.int64)        # (y, x) of the first pixel met
+    sums = np.zeros((n + 1, 5), np.int64)       # sx, sy, sxx, syy, sxy (relative to ref)
+    box = np.zeros((n + 1, 4), np.int64)        # ymin, ymax, xmin, xmax (inclusive)
+    touch = np.zeros((n + 1, 2), np.uint8)      # near non-tissue, near an exclusion
+    dmin = np.full(n + 1, np.inf, np.float32)
     pcount = np.zeros((n + 1, 3), np.int64)
+    cap = 4096
+    runs = np.empty((cap, 4), np.int64)         # label, y, x first, x last
+    nr = 0
     for y in range(h):
-        for x in range(w):
+        x = 0
+        while x < w:
             lv = lab[y, x]
+            xs = x
+            x += 1
+            while x < w and lab[y, x] == lv:
+                x += 1
             if lv <= 0:
                 continue
-            r = row_off[lv] + y - box[lv, 0]
-            if x == 0 or lab[y, x - 1] != lv:
-                if left[r] < 0:
-                    left[r] = x
-            if x == w - 1 or lab[y, x + 1] != lv:
-                right[r] = x
-            if not _is_border(lab, y, x, lv, h, w):
-                continue
-            # skimage.measure.perimeter(neighborhood=4): convolve the border image with
-            # [[10, 2, 10], [2, 1, 2], [10, 2, 10]] and weigh the codes
-            code = 1
-            for dy in range(-1, 2):
-                yy = y + dy
-                if yy < 0 or yy >= h:
+            xe = x - 1
+            ln = xe - xs + 1
+            if nr == cap:
+                cap *= 2
+                grown = np.empty((cap, 4), np.int64)
+                grown[:nr] = runs[:nr]
+                runs = grown
+            runs[nr, 0] = lv
+            runs[nr, 1] = y
+            runs[nr, 2] = xs
+            runs[nr, 3] = xe
+            nr += 1
+            if count[lv] == 0:
+                ref[lv, 0] = y
+                ref[lv, 1] = xs
+                box[lv, 0] = y
+                box[lv, 2] = xs
+                box[lv, 3] = xe
+            count[lv] += ln
+            # moment sums over the run, in closed form relative to the reference pixel
+            a = xs - ref[lv, 1]
+            b = xe - ref[lv, 1]
+            s1 = (a + b) * ln // 2
+            s2 = (b * (b + 1) * (2 * b + 1) - (a - 1) * a * (2 * a - 1)) // 6
+            dy = y - ref[lv, 0]
+            sums[lv, 0] += s1
+            sums[lv, 1] += dy * ln
+            sums[lv, 2] += s2
+            sums[lv, 3] += dy * dy * ln
+            sums[lv, 4] += dy * s1
+            box[lv, 1] = y
+            if xs < box[lv, 2]:
+                box[lv, 2] = xs
+            if xe > box[lv, 3]:
+                box[lv, 3] = xe
+            if use_out and touch[lv, 0] == 0:
+                for xx in range(xs, x):
+                    if near_out[y, xx]:
+                        touch[lv, 0] = 1
+                        break
+            if use_ex and touch[lv, 1] == 0:
+                for xx in range(xs, x):
+                    if near_ex[y, xx]:
+                        touch[lv, 1] = 1
+                        break
+            if use_dist:
+                m = dmin[lv]
+                for xx in range(xs, x):
+                    if dist[y, xx] < m:
+                        m = dist[y, xx]
+                dmin[lv] = m
+            # perimeter: border pixels are the run's ends and pixels with another label (or
+            # the image edge) above or below
+            edge_row = y == 0 or y == h - 1
+            for xx in range(xs, x):
+                if not (xx == xs or xx == xe or edge_row or lab[y - 1, xx] != lv
+                        or lab[y + 1, xx] != lv):
                     continue
-                for dx in range(-1, 2):
-                    if dy == 0 and dx == 0:
-                        continue
-                    xx = x + dx
-                    if xx < 0 or xx >= w or lab[yy, xx] != lv:
-                        continue
-                    if _is_border(lab, yy, xx, lv, h, w):
-                        code += 10 if (dy != 0 and dx != 0) else 2
-            if code == 5 or code == 7 or code == 15 or code == 17 or code == 25 or code == 27:
-                pcount[lv, 0] += 1
-            elif code == 21 or code == 33:
-                pcount[lv, 1] += 1
-            elif code == 13 or code == 23:
-                pcount[lv, 2] += 1
-    return left, right, pcount
+                code = _perimeter_code(lab, y, xx, lv, h, w)
+                if (code == 5 or code == 7 or code == 15 or code == 17 or code == 25
+                        or code == 27):
+                    pcount[lv, 0] += 1
+                elif code == 21 or code == 33:
+                    pcount[lv, 1] += 1
+                elif code == 13 or code == 23:
+                    pcount[lv, 2] += 1
+    return count, ref, sums, box, touch, dmin, pcount, runs[:nr]
+
+
+@njit(**_JIT)
+def _blob_stats(img, thr):
+    """8-connected blobs of ``img > thr``: area, mean column, mean row (float64).
+
+    Same components and statistics as ``cv2.connectedComponentsWithStats(img > thr,
+    connectivity=8)`` (in another order), found by union-find over row runs without a label
+    image.
+    """
+    h, w = img.shape
+    cap = 4096
+    rs = np.empty(cap, np.int64)
+    re = np.empty(cap, np.int64)
+    ry = np.empty(cap, np.int64)
+    parent = np.empty(cap, np.int64)
+    nr = 0
+    prev_lo = 0
+    prev_hi = 0
+    for y in range(h):
+        cur_lo = nr
+        j = prev_lo
+        x = 0
+        while x < w:
+            if not img[y, x] > thr:
+                x += 1
+                continue
+            xs = x
+            while x < w and img[y, x] > thr:
+                x += 1
+            xe = x - 1
+            if nr == cap:
+                cap *= 2
+                rs2 = np.empty(cap, np.int64)
+                re2 = np.empty(cap, np.int64)
+                ry2 = np.empty(cap, np.int64)
+                p2 = np.empty(cap, np.int64)
+                rs2[:nr] = rs[:nr]
+                re2[:nr] = re[:nr]
+                ry2[:nr] = ry[:nr]
+                p2[:nr] = parent[:nr]
+                rs, re, ry, parent = rs2, re2, ry2, p2
+            rs[nr] = xs
+            re[nr] = xe
+            ry[nr] = y
+            parent[nr] = nr
+            # runs of the previous row touching [xs - 1, xe + 1] (8-connectivity)
+            while j < prev_hi and re[j] < xs - 1:
+                j += 1
+            k = j
+            while k < prev_hi and rs[k] <= xe + 1:
+                a = nr
+                while parent[a] != a:
+                    a = parent[a]
+                b = k
+                while parent[b] != b:
+                    parent[b] = parent[parent[b]]
+                    b = parent[b]
+                if a != b:
+                    if a < b:
+                        parent[b] = a
+                    else:
+                        parent[a] = b
+                k += 1
+            nr += 1
+        prev_lo = cur_lo
+        prev_hi = nr
+    comp = np.full(nr, -1, np.int64)
+    nc = 0
+    for i in range(nr):
+        a = i
+        while parent[a] != a:
+            a = parent[a]
+        if comp[a] < 0:
+            comp[a] = nc
+            nc += 1
+        comp[i] = comp[a]
+    area = np.zeros(nc, np.int64)
+    sx = np.zeros(nc, np.int64)
+    sy = np.zeros(nc, np.int64)
+    for i in range(nr):
+        c = comp[i]
+        ln = re[i] - rs[i] + 1
+        area[c] += ln
+        sx[c] += (rs[i] + re[i]) * ln // 2
+        sy[c] += ry[i] * ln
+    out = np.empty((nc, 3))
+    for c in range(nc):
+        out[c, 0] = area[c]
+        out[c, 1] = sx[c] / area[c]
+        out[c, 2] = sy[c] / area[c]
+    return out
+
+
+@njit(**_JIT)
+def _row_extremes(runs, box, row_off):
+    """Leftmost and rightmost column of every label in every row of its bounding box
+    (slot ``row_off[l] + y - ymin``; -1 for rows without the label)."""
+    total = row_off[-1]
+    left = np.full(total, -1, np.int64)
+    right = np.full(total, -1, np.int64)
+    for i in range(runs.shape[0]):
+        lv = runs[i, 0]
+        r = row_off[lv] + runs[i, 1] - box[lv, 0]
+        if left[r] < 0:
+            left[r] = runs[i, 2]
+        right[r] = runs[i, 3]  # runs come in raster order: the last one is the rightmost
+    return left, right
 
 
 @njit(**_JIT)
@@ -303,13 +443,13 @@ def _detect_nuclei(hema_od: np.ndarray, mpp: float, params: FiberParams
     if sigma > 0.1:
         h = cv2.GaussianBlur(h, (0, 0), sigmaX=sigma, sigmaY=sigma,
                              borderType=cv2.BORDER_REFLECT)
-    m = (h > params.nucleus_min_od).view(np.uint8)
-    n, _, stats, cents = cv2.connectedComponentsWithStats(m, connectivity=8)
-    if n <= 1:
+    # numpy compares float32 with a Python float in float32 (NEP 50): so does the kernel
+    blobs = _blob_stats(h, np.float32(params.nucleus_min_od))
+    if len(blobs) == 0:
         e = np.zeros(0)
         return e, e, e
-    area_um2 = stats[1:, cv2.CC_STAT_AREA] * mpp * mpp
-    cents = cents[1:]
+    area_um2 = blobs[:, 0] * mpp * mpp
+    cents = blobs[:, 1:]
     ok = area_um2 >= params.nucleus_min_area_um2
     count = np.where(area_um2 > params.nucleus_max_area_um2,
                      np.maximum(1, np.round(area_um2 / params.nucleus_typical_area_um2)), 1)
@@ -455,7 +595,8 @@ def fiber_properties(
     dummy = np.zeros((1, 1), np.uint8)
     near_out = None
     if tissue is not None:
-        nt = cv2.compare(np.asarray(tissue, bool).view(np.uint8), 0, cv2.CMP_EQ)
+        nt = cv2.compare(np.ascontiguousarray(tissue, dtype=bool).view(np.uint8), 0,
+                         cv2.CMP_EQ)
         if cv2.countNonZero(nt):
             near_out = cv2.dilate(nt, _disk(edge_px))
     near_ex = None
@@ -463,14 +604,21 @@ def fiber_properties(
         ex = np.ascontiguousarray(exclusion, dtype=bool).view(np.uint8)
         near_ex = cv2.dilate(ex, _disk(edge_px))
 
-    count, ref, sums, box, touch = _scan(
+    dist = None
+    if compartments is not None and mpp is not None:
+        from .compartments import CompartmentParams, _edge_distance_image
+
+        dist = _edge_distance_image(compartments, CompartmentParams())
+    count, ref, sums, box, touch, dmin, pcount, runs = _measure(
         labels, near_out if near_out is not None else dummy, near_out is not None,
-        near_ex if near_ex is not None else dummy, near_ex is not None, n)
+        near_ex if near_ex is not None else dummy, near_ex is not None,
+        dist if dist is not None else _DUMMY_F32,
+        dist is not None, n)
     ids = np.flatnonzero(count[1:]) + 1
     heights = np.zeros(n + 2, np.int64)
     heights[ids + 1] = box[ids, 1] - box[ids, 0] + 1
-    row_off = np.cumsum(heights)  # row_off[l] = first row slot of label l; row_off[n+1] = total
-    left, right, pcount = _outline(labels, box, row_off, n)
+    row_off = np.cumsum(heights)  # row_off[l] = first row slot of label l; [-1] = total
+    left, right = _row_extremes(runs, box, row_off)
     hull_area, min_f, max_f = _hulls(ids.astype(np.int64), box, row_off, left, right)
 
     # moments -> centroid and eccentricity (as cv2.moments on the fiber's bounding box)
@@ -534,9 +682,7 @@ def fiber_properties(
     df["max_feret_um"] = max_f * f
     df["perimeter_um"] = per * f
     df["fascicle_edge_distance_um"] = np.nan
-    if compartments is not None and mpp is not None:
-        from .compartments import fascicle_edge_distance_um
-
-        dist = fascicle_edge_distance_um(labels, compartments, mpp=mpp)
-        df["fascicle_edge_distance_um"] = dist.reindex(df["fiber_id"]).to_numpy()
+    if dist is not None:  # as compartments.fascicle_edge_distance_um
+        df["fascicle_edge_distance_um"] = np.maximum(dmin[ids].astype(np.float64) - 1.0,
+                                                     0.0) * mpp
     return df[list(FIBER_COLUMNS)]

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import pandas as pd
-from scipy import ndimage as ndi
+from numba import njit
 
 from .errors import InputError
 
@@ -449,21 +449,64 @@ def fascicle_edge_distance_um(
     if fiber_labels.shape != codes.shape or fiber_labels.ndim != 2:
         raise InputError(f"`fiber_labels` {fiber_labels.shape} and `codes` {codes.shape} must be "
                          "2-D images of the same shape")
-    ids = np.flatnonzero(np.bincount(fiber_labels.ravel().astype(np.intp)))
-    ids = ids[ids > 0]
+    if not np.issubdtype(fiber_labels.dtype, np.integer):
+        fiber_labels = fiber_labels.astype(np.intp)
+    n = int(fiber_labels.max(initial=0))
+    if fiber_labels.size and int(fiber_labels.min()) < 0:
+        raise InputError("`fiber_labels` must be >= 0 (0 = no fiber), got negative values")
     name = "fascicle_edge_distance_um"
+    d = None
+    if n > 0 and mpp is not None:
+        d = _edge_distance_image(codes, params)
+    count, dmin = _label_count_min(fiber_labels, d if d is not None else _NO_VALUES,
+                                   d is not None, n)
+    ids = np.flatnonzero(count[1:]) + 1
     if len(ids) == 0:
         return pd.Series([], index=pd.Index([], name="fiber_id", dtype=np.int32), name=name,
                          dtype=float)
-    edge = np.isin(codes, np.asarray(params.fascicle_edge_codes, np.uint8))
-    if mpp is None or not edge.any():
-        return pd.Series(np.nan, index=pd.Index(ids.astype(np.int32), name="fiber_id"),
-                         name=name)
+    index = pd.Index(ids.astype(np.int32), name="fiber_id")
+    if d is None:  # no pixel size, or no fascicle edge in the section
+        return pd.Series(np.nan, index=index, name=name)
     mpp = _check_mpp(mpp)
-    d = cv2.distanceTransform((~edge).astype(np.uint8), cv2.DIST_L2, 5)
-    dmin = ndi.minimum(d, labels=fiber_labels, index=ids)
-    dist_um = np.maximum(np.asarray(dmin, float) - 1.0, 0.0) * mpp
-    return pd.Series(dist_um, index=pd.Index(ids.astype(np.int32), name="fiber_id"), name=name)
+    dist_um = np.maximum(dmin[ids].astype(float) - 1.0, 0.0) * mpp
+    return pd.Series(dist_um, index=index, name=name)
+
+
+_NO_VALUES = np.zeros((1, 1), np.float32)
+
+
+def _edge_distance_image(codes: np.ndarray, params: CompartmentParams) -> np.ndarray | None:
+    """5x5 chamfer distance (px, float32) of every pixel to the nearest fascicle-edge pixel
+    (codes in ``params.fascicle_edge_codes``); None when there is no such pixel."""
+    codes = np.asarray(codes)
+    edge_codes = np.asarray(params.fascicle_edge_codes)
+    if codes.dtype == np.uint8:
+        lut = np.ones(256, np.uint8)
+        lut[edge_codes[(edge_codes >= 0) & (edge_codes < 256)]] = 0
+        not_edge = cv2.LUT(np.ascontiguousarray(codes), lut)
+    else:
+        not_edge = (~np.isin(codes, edge_codes.astype(np.uint8))).view(np.uint8)
+    if cv2.countNonZero(not_edge) == not_edge.size:
+        return None
+    return cv2.distanceTransform(not_edge, cv2.DIST_L2, 5)
+
+
+@njit(cache=True, nogil=True)
+def _label_count_min(labels, values, use_values, n):
+    """Pixel count and minimum of ``values`` (when ``use_values``) per label 1..n (labels
+    <= 0 ignored): ``scipy.ndimage.minimum`` without its sort."""
+    count = np.zeros(n + 1, np.int64)
+    vmin = np.full(n + 1, np.inf, np.float32)
+    h, w = labels.shape
+    for y in range(h):
+        for x in range(w):
+            lv = labels[y, x]
+            if lv <= 0:
+                continue
+            count[lv] += 1
+            if use_values and values[y, x] < vmin[lv]:
+                vmin[lv] = values[y, x]
+    return count, vmin
 
 
 def perifascicular_fibers(distance_um: pd.Series, params: CompartmentParams | None = None

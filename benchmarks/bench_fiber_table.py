@@ -1,0 +1,168 @@
+"""Benchmark: whole-image fiber table and compartment map vs the historical per-fiber loop.
+
+Run:  .venv/bin/python benchmarks/bench_fiber_table.py [--size 4096] [--repeat 3] [--mpp 0.5]
+                                                          [--cache /tmp/bench_fiber_table.npz]
+                                                          [--write docs/_parts/fibertable-performance.md]
+
+The section is a generated MHC-I section (size/2 squared, ``seed=3``, ``central_nuclei_fraction
+0.3`` so the internal-nucleus rule has work) mirrored 2 x 2 to the requested size, with its true
+fiber labels (each mirrored copy gets its own ids), hematoxylin OD, tissue mask and true
+compartments. Times (median of ``--repeat`` runs after one warm-up run that also compiles the
+numba kernels):
+
+* ``fiber_table`` old: the frozen per-fiber loop kept in ``tests/test_fiber_props.py``;
+* ``fiber_properties`` new (:mod:`biopsyquant._fiber_props`), same arguments;
+* ``fascicle_edge_distance_um`` old (``ndi.minimum``, copy in the test file) and new;
+* ``compartment_map`` old (copy in ``tests/test_compartments.py``) and new.
+
+Prints seconds, Mpx/s (input pixels) and fibers/s, checks that old and new agree, and with
+``--write`` writes the table as markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_test_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _mirror(a: np.ndarray, size: int, *, labels: bool = False) -> np.ndarray:
+    """2 x 2 mirror of ``a`` cropped to ``size``; label copies get distinct ids."""
+    parts = [a, a[:, ::-1], a[::-1], a[::-1, ::-1]]
+    if labels:
+        off = int(a.max())
+        parts = [np.where(p > 0, p + k * off, 0).astype(a.dtype) for k, p in enumerate(parts)]
+    top = np.concatenate([parts[0], parts[1]], axis=1)
+    bottom = np.concatenate([parts[2], parts[3]], axis=1)
+    return np.ascontiguousarray(np.concatenate([top, bottom], axis=0)[:size, :size])
+
+
+def _section(size: int, mpp: float, cache: Path | None):
+    if cache is not None and cache.exists():
+        z = np.load(cache)
+        if z["fibers"].shape == (size, size) and float(z["mpp"]) == mpp:
+            return {k: z[k] for k in ("fibers", "hema_od", "tissue", "compartments")}
+    from biopsyquant.synthetic import generate_section
+
+    half = (size + 1) // 2
+    s = generate_section(marker="MHC-I", seed=3, shape=(half, half), mpp=mpp,
+                         central_nuclei_fraction=0.3)
+    out = {"fibers": _mirror(s.fibers, size, labels=True), "hema_od": _mirror(s.hema_od, size),
+           "tissue": _mirror(s.tissue, size), "compartments": _mirror(s.compartments, size)}
+    if cache is not None:
+        np.savez(cache, mpp=mpp, **out)
+    return out
+
+
+def _timed(fn, repeat: int):
+    out = fn()  # warm-up (numba compilation / cache load)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--mpp", type=float, default=0.5)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="npz file to keep the generated section between runs")
+    ap.add_argument("--write", type=Path, default=None, help="markdown file for the results")
+    ap.add_argument("--skip-old", action="store_true", help="time only the new functions")
+    args = ap.parse_args(argv)
+
+    import pandas as pd
+
+    from biopsyquant._fiber_props import fiber_properties
+    from biopsyquant.compartments import compartment_map, fascicle_edge_distance_um
+
+    ref_ft = _load_test_module("test_fiber_props")
+    ref_cm = _load_test_module("test_compartments")
+
+    t0 = time.perf_counter()
+    s = _section(args.size, args.mpp, args.cache)
+    print(f"section {args.size}x{args.size} ready in {time.perf_counter() - t0:.1f} s")
+    lab, hema, tissue, comp = s["fibers"], s["hema_od"], s["tissue"], s["compartments"]
+    mpx = lab.size / 1e6
+    kw = dict(mpp=args.mpp, hema_od=hema, tissue=tissue, compartments=comp)
+
+    rows = []
+
+    def record(name, impl, sec, n_fibers):
+        rows.append({"step": name, "implementation": impl, "seconds": sec,
+                     "Mpx/s": mpx / sec, "fibers/s": n_fibers / sec if n_fibers else np.nan})
+        print(f"{name:28s} {impl:4s} {sec:8.3f} s {mpx / sec:9.1f} Mpx/s"
+              + (f" {n_fibers / sec:10.0f} fibers/s" if n_fibers else ""), flush=True)
+
+    t_new, new = _timed(lambda: fiber_properties(lab, **kw), args.repeat)
+    nf = len(new)
+    print(f"{nf} fibers, {int((new.n_internal_nuclei > 0).sum())} with internal nuclei")
+    record("fiber table", "new", t_new, nf)
+    if not args.skip_old:
+        t_old, old = _timed(lambda: ref_ft._ref_fiber_table(lab, **kw), 1)
+        record("fiber table", "old", t_old, nf)
+        ref_ft._assert_same(new, old)
+        print("fiber table: old and new agree")
+
+    t_new, dn = _timed(lambda: fascicle_edge_distance_um(lab, comp, mpp=args.mpp), args.repeat)
+    record("fascicle_edge_distance_um", "new", t_new, nf)
+    if not args.skip_old:
+        t_old, do = _timed(lambda: ref_ft._ref_fascicle_edge_distance_um(lab, comp, mpp=args.mpp),
+                           1)
+        record("fascicle_edge_distance_um", "old", t_old, nf)
+        pd.testing.assert_series_equal(dn, do)
+
+    ckw = dict(mpp=args.mpp, hema_od=hema)
+    t_new, cn = _timed(lambda: compartment_map(lab, tissue, **ckw), args.repeat)
+    record("compartment_map", "new", t_new, 0)
+    if not args.skip_old:
+        t_old, co = _timed(lambda: ref_cm._ref_compartment_map(lab, tissue, **ckw), 1)
+        record("compartment_map", "old", t_old, 0)
+        assert np.array_equal(cn, co)
+        print("compartment map: old and new identical")
+
+    if args.write is not None:
+        df = pd.DataFrame(rows)
+        load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+        lines = [
+            f"Measured with `benchmarks/bench_fiber_table.py --size {args.size}` on a "
+            f"{args.size}x{args.size} MHC-I section ({args.mpp} µm/px, {nf} fibers, true "
+            f"labels), {platform.machine()}, {os.cpu_count()} cores, Python "
+            f"{sys.version.split()[0]}. **The machine was shared with other jobs** (load "
+            f"average {load[0]:.1f} at the end), so absolute numbers are noisy; old and new ran "
+            "in the same process. Medians of "
+            f"{args.repeat} runs (new) and 1 run (old) after a warm-up.",
+            "",
+            "| step | implementation | seconds | Mpx/s | fibers/s |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for r in df.itertuples(index=False):
+            fps = "" if np.isnan(r[4]) else f"{r[4]:,.0f}"
+            lines.append(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.1f} | {fps} |")
+        args.write.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        print(f"wrote {args.write}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
