@@ -102,14 +102,45 @@ def _perimeter_code(lab, y, x, lv, h, w):
 
 
 @njit(**_JIT)
-def _measure(lab, near_out, use_out, near_ex, use_ex, dist, use_dist, n):
+def _count_runs(lab):
+    """Number of runs of labels > 0 (exact sizes avoid growing arrays inside the kernels,
+    which numba compiles into much slower loops)."""
+    h, w = lab.shape
+    nr = 0
+    for y in range(h):
+        prev = 0
+        for x in range(w):
+            lv = lab[y, x]
+            if lv > 0 and (x == 0 or lv != prev):
+                nr += 1
+            prev = lv
+    return nr
+
+
+@njit(**_JIT)
+def _count_blob_runs(img, thr):
+    """Number of runs of ``img > thr``."""
+    h, w = img.shape
+    nr = 0
+    for y in range(h):
+        inside = False
+        for x in range(w):
+            v = img[y, x] > thr
+            if v and not inside:
+                nr += 1
+            inside = v
+    return nr
+
+
+@njit(**_JIT)
+def _measure(lab, near_out, use_out, near_ex, use_ex, dist, use_dist, n, n_runs):
     """One raster pass over the label image, run by run (a run = pixels of one label in a row).
 
     Per label (index = label value): pixel count; first and second moment sums relative to
     the first pixel met (exact integers); bounding box; contact with ``near_out`` /
     ``near_ex``; minimum of ``dist``; the counts of border pixels whose skimage perimeter code
     weighs 1, sqrt(2) and (1 + sqrt(2)) / 2. Also every run (label, row, first, last column)
-    in raster order, for the convex hulls.
+    in raster order, for the convex hulls (``n_runs`` from :func:`_count_runs`).
     """
     h, w = lab.shape
     count = np.zeros(n + 1, np.int64)
@@ -119,8 +150,7 @@ def _measure(lab, near_out, use_out, near_ex, use_ex, dist, use_dist, n):
     touch = np.zeros((n + 1, 2), np.uint8)      # near non-tissue, near an exclusion
     dmin = np.full(n + 1, np.inf, np.float32)
     pcount = np.zeros((n + 1, 3), np.int64)
-    cap = 4096
-    runs = np.empty((cap, 4), np.int64)         # label, y, x first, x last
+    runs = np.empty((n_runs, 4), np.int64)      # label, y, x first, x last
     nr = 0
     for y in range(h):
         x = 0
@@ -134,11 +164,6 @@ def _measure(lab, near_out, use_out, near_ex, use_ex, dist, use_dist, n):
                 continue
             xe = x - 1
             ln = xe - xs + 1
-            if nr == cap:
-                cap *= 2
-                grown = np.empty((cap, 4), np.int64)
-                grown[:nr] = runs[:nr]
-                runs = grown
             runs[nr, 0] = lv
             runs[nr, 1] = y
             runs[nr, 2] = xs
@@ -198,7 +223,7 @@ def _measure(lab, near_out, use_out, near_ex, use_ex, dist, use_dist, n):
                     pcount[lv, 1] += 1
                 elif code == 13 or code == 23:
                     pcount[lv, 2] += 1
-    return count, ref, sums, box, touch, dmin, pcount, runs[:nr]
+    return count, ref, sums, box, touch, dmin, pcount, runs
 
 
 @njit(**_JIT)
@@ -210,7 +235,7 @@ def _blob_stats(img, thr):
     image.
     """
     h, w = img.shape
-    cap = 4096
+    cap = _count_blob_runs(img, thr)
     rs = np.empty(cap, np.int64)
     re = np.empty(cap, np.int64)
     ry = np.empty(cap, np.int64)
@@ -230,17 +255,6 @@ def _blob_stats(img, thr):
             while x < w and img[y, x] > thr:
                 x += 1
             xe = x - 1
-            if nr == cap:
-                cap *= 2
-                rs2 = np.empty(cap, np.int64)
-                re2 = np.empty(cap, np.int64)
-                ry2 = np.empty(cap, np.int64)
-                p2 = np.empty(cap, np.int64)
-                rs2[:nr] = rs[:nr]
-                re2[:nr] = re[:nr]
-                ry2[:nr] = ry[:nr]
-                p2[:nr] = parent[:nr]
-                rs, re, ry, parent = rs2, re2, ry2, p2
             rs[nr] = xs
             re[nr] = xe
             ry[nr] = y
@@ -252,6 +266,7 @@ def _blob_stats(img, thr):
             while k < prev_hi and rs[k] <= xe + 1:
                 a = nr
                 while parent[a] != a:
+                    parent[a] = parent[parent[a]]
                     a = parent[a]
                 b = k
                 while parent[b] != b:
@@ -266,16 +281,16 @@ def _blob_stats(img, thr):
             nr += 1
         prev_lo = cur_lo
         prev_hi = nr
-    comp = np.full(nr, -1, np.int64)
+    # links always go from the larger to the smaller index, so parent[i] <= i and one
+    # ascending sweep labels every run with its component
+    comp = np.empty(nr, np.int64)
     nc = 0
     for i in range(nr):
-        a = i
-        while parent[a] != a:
-            a = parent[a]
-        if comp[a] < 0:
-            comp[a] = nc
+        if parent[i] == i:
+            comp[i] = nc
             nc += 1
-        comp[i] = comp[a]
+        else:
+            comp[i] = comp[parent[i]]
     area = np.zeros(nc, np.int64)
     sx = np.zeros(nc, np.int64)
     sy = np.zeros(nc, np.int64)
@@ -613,7 +628,7 @@ def fiber_properties(
         labels, near_out if near_out is not None else dummy, near_out is not None,
         near_ex if near_ex is not None else dummy, near_ex is not None,
         dist if dist is not None else _DUMMY_F32,
-        dist is not None, n)
+        dist is not None, n, _count_runs(labels))
     ids = np.flatnonzero(count[1:]) + 1
     heights = np.zeros(n + 2, np.int64)
     heights[ids + 1] = box[ids, 1] - box[ids, 0] + 1
