@@ -29,7 +29,7 @@ __all__ = ["gaussian", "background_subtract", "foreground", "split_objects", "re
            "trim_to_half_max",
            "expand_labels",
            "object_stats", "nearest_label_at", "candidate_blocks", "Regions", "plan_regions",
-           "group_mask", "pack_boxes"]
+           "group_mask", "other_groups_near", "pack_boxes"]
 
 
 def gaussian(img: np.ndarray, sigma_px: float) -> np.ndarray:
@@ -450,22 +450,23 @@ def nearest_label_at(labels: np.ndarray, rows: np.ndarray, cols: np.ndarray,
 @njit(cache=True, nogil=True)
 def _block_any_above(det, threshold, mask, use_mask, block, out):  # pragma: no cover - numba
     h, w = det.shape
-    nby, nbx = out.shape
-    for by in range(nby):
-        y0 = by * block
-        y1 = min(y0 + block, h)
-        for bx in range(nbx):
-            x0 = bx * block
-            x1 = min(x0 + block, w)
-            found = False
-            for y in range(y0, y1):
-                for x in range(x0, x1):
-                    if det[y, x] > threshold and (not use_mask or mask[y, x] != 0):
-                        found = True
-                        break
-                if found:
-                    break
-            out[by, bx] = 1 if found else 0
+    nbx = out.shape[1]
+    acc = np.zeros(w, np.uint8)
+    for y in range(h):
+        if use_mask:
+            for x in range(w):
+                acc[x] |= (det[y, x] > threshold) & (mask[y, x] != 0)
+        else:
+            for x in range(w):
+                acc[x] |= det[y, x] > threshold
+        if (y + 1) % block == 0 or y == h - 1:
+            row = out[y // block]
+            for bx in range(nbx):
+                v = 0
+                for x in range(bx * block, min((bx + 1) * block, w)):
+                    v |= acc[x]
+                row[bx] = v
+            acc[:] = 0
 
 
 def candidate_blocks(det: np.ndarray, threshold: float, mask: np.ndarray | None,
@@ -511,9 +512,10 @@ def plan_regions(cand: np.ndarray, block: int, shape: tuple[int, int], *, reach_
     the bounding box of its group's candidate blocks grown by ``margin_px``.
     """
     h, w = shape
-    rb = max(0, int(np.ceil((reach_px / block - 1) / 2)))
-    dil = cand if rb == 0 else cv2.dilate(cand, cv2.getStructuringElement(
-        cv2.MORPH_RECT, (2 * rb + 1, 2 * rb + 1)))
+    # blocks with at most g empty blocks between them can hold pixels closer than reach_px:
+    # a (g+1) x (g+1) dilation joins them
+    g = int(np.ceil(reach_px / block))
+    dil = cand if g == 0 else cv2.dilate(cand, np.ones((g + 1, g + 1), np.uint8))
     n, group = cv2.connectedComponents(dil, connectivity=8, ltype=cv2.CV_32S)
     if n <= 1:
         return Regions(block, group, np.zeros((0, 5), np.int64), np.zeros(0, bool))
@@ -548,6 +550,14 @@ def group_mask(regions: Regions, box: np.ndarray) -> np.ndarray:
     sub = (regions.group[by0:-(-y1 // b), bx0:-(-x1 // b)] == gid)
     up = np.repeat(np.repeat(sub, b, axis=0), b, axis=1)
     return up[y0 - by0 * b:y1 - by0 * b, x0 - bx0 * b:x1 - bx0 * b]
+
+
+def other_groups_near(regions: Regions, box: np.ndarray) -> bool:
+    """True when blocks of another group lie in ``box`` (then :func:`group_mask` is needed)."""
+    y0, y1, x0, x1, gid = (int(v) for v in box)
+    b = regions.block
+    sub = regions.group[y0 // b:-(-y1 // b), x0 // b:-(-x1 // b)]
+    return bool(np.any((sub != 0) & (sub != gid)))
 
 
 def pack_boxes(heights: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, np.ndarray,

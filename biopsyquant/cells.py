@@ -297,16 +297,21 @@ def _split_intensity(params: CellParams, det: np.ndarray, hema: np.ndarray, um: 
     if params.split_by == "shape+intensity":
         return _d.gaussian(det, sigma)
     if params.split_by == "shape+hematoxylin":
-        w = _d.gaussian(np.maximum(hema, 0), sigma)
+        w = _d.gaussian(_clip0(hema), sigma)
         w += np.float32(params.split_hematoxylin_floor_od)
         return w
     return None
 
 
+def _clip0(a: np.ndarray) -> np.ndarray:
+    """``np.maximum(a, 0)`` for float32 maps (one OpenCV pass)."""
+    return cv2.threshold(a, 0.0, 0.0, cv2.THRESH_TOZERO)[1]
+
+
 def _det_map(channel: np.ndarray, *, params: CellParams, um: float,
              origin: tuple[int, int]) -> np.ndarray:
     """Detection image: the channel clipped at 0, smoothed and background-subtracted."""
-    det = np.maximum(channel, 0)
+    det = _clip0(channel)
     det = _d.gaussian(det, params.smoothing_sigma_um * um)
     return _d.background_subtract(det, params.background_radius_um * um, origin)
 
@@ -364,7 +369,7 @@ def _empty_table() -> pd.DataFrame:
 # sees on the whole image. Rectangles clipped by the image border run on their own (the image
 # border then plays its usual part).
 
-_BLOCK = 8  # px, resolution of the candidate grid
+_BLOCK = 2  # px, resolution of the candidate grid
 
 
 def _reach(params: CellParams, um: float) -> tuple[float, int]:
@@ -373,27 +378,41 @@ def _reach(params: CellParams, um: float) -> tuple[float, int]:
     sigma = params.split_sigma_um * um
     r_dist = int(np.ceil(3 * sigma)) if sigma > 0 else 0  # Gaussian half-width (_d.gaussian)
     w_half = max(3, int(round(params.cell_min_diameter_um * um)) | 1) // 2  # marker window
-    reach = 2 * r_dist + w_half + 2
-    r_hmax = int(np.ceil(3 * um))  # nucleus evidence (hematoxylin smoothed over 1 µm)
-    margin = max(int(np.ceil(reach / 2)) + 1, r_hmax + 1, 2)
+    # a foreground pixel's markers depend on the smoothed distance transform within
+    # r_dist + w_half of it: foreground farther away than that never changes them
+    reach = r_dist + w_half + 1
+    # (distances in the chessboard metric: the Gaussian and the marker window are squares)
+    margin = max(int(np.ceil(reach / 2)), r_dist + 1, 2)
     return float(reach), margin
 
 
 @dataclass
 class _Piece:
-    """One atlas (or one border rectangle) of a sparse pass and its values."""
+    """Objects found on one atlas (or one border rectangle) of a sparse pass."""
 
-    labels: np.ndarray              # int32 labels in atlas coordinates
-    boxes: np.ndarray               # (k, 4) y0, y1, x0, x1 in image pixels
-    at: np.ndarray                  # (k, 2) atlas row/col of each box
-    crop: np.ndarray | None         # int32 box index + 1 per atlas pixel (None: one box)
-    values: dict[str, np.ndarray]   # float32 maps in atlas coordinates
+    lab: np.ndarray   # int32 label of every object pixel (labels unique within the piece)
+    pix: np.ndarray   # int64 flat image index of that pixel
+
+
+def _objects_of(labels: np.ndarray, boxes: np.ndarray, at: np.ndarray,
+                crop: np.ndarray | None, width: int) -> _Piece:
+    """Object pixels of an atlas label image, mapped back to flat image indices."""
+    flat = labels.ravel()
+    idx = np.flatnonzero(flat)
+    ys, xs = np.divmod(idx, labels.shape[1])
+    if crop is None:
+        ys += boxes[0, 0]
+        xs += boxes[0, 2]
+    else:
+        c = crop.ravel()[idx] - 1
+        ys += (boxes[:, 0] - at[:, 0])[c]
+        xs += (boxes[:, 2] - at[:, 1])[c]
+    return _Piece(flat[idx], ys * width + xs)
 
 
 def _pass_sparse(det: np.ndarray, mask: np.ndarray | None, threshold: float,
-                 weight: np.ndarray | None, sources: dict[str, np.ndarray], *,
-                 params: CellParams, um: float, px_area_um2: float, split_kwargs: dict,
-                 trim: bool) -> list[_Piece]:
+                 weight: np.ndarray | None, *, params: CellParams, um: float,
+                 px_area_um2: float, split_kwargs: dict, trim: bool) -> list[_Piece]:
     """One detection pass evaluated on the candidate rectangles only (see above)."""
     h, w = det.shape
     cand = _d.candidate_blocks(det, threshold, mask, _BLOCK)
@@ -414,86 +433,71 @@ def _pass_sparse(det: np.ndarray, mask: np.ndarray | None, threshold: float,
             fg &= mask[sl]
         lab = _chain(fg.view(np.uint8), det[sl], None if weight is None else weight[sl],
                      **chain)
-        if lab.any():
-            pieces.append(_Piece(lab, box[None, :4].copy(), np.zeros((1, 2), np.int64), None,
-                                 {k: v[sl] for k, v in sources.items()}))
+        pieces.append(_objects_of(lab, box[None, :4], np.zeros((1, 2), np.int64), None, w))
     inner = reg.boxes[~reg.border]
     if len(inner) == 0:
         return pieces
     hh = inner[:, 1] - inner[:, 0]
     ww = inner[:, 3] - inner[:, 2]
     ay, ax, ashape = _d.pack_boxes(hh, ww)
-    a_fg = np.zeros(ashape, np.uint8)
     a_det = np.zeros(ashape, np.float32)
+    a_ok = np.zeros(ashape, bool)  # pixels of the rectangle's own group inside the mask
     a_w = None if weight is None else np.zeros(ashape, np.float32)
-    a_src = {k: np.zeros(ashape, np.float32) for k in sources}
     a_crop = np.zeros(ashape, np.int32)
     for i, box in enumerate(inner):
         y0, y1, x0, x1 = (int(v) for v in box[:4])
         sl = (slice(y0, y1), slice(x0, x1))
         asl = (slice(int(ay[i]), int(ay[i]) + y1 - y0), slice(int(ax[i]), int(ax[i]) + x1 - x0))
-        d = det[sl]
-        a_det[asl] = d
-        fg = (d > t) & _d.group_mask(reg, box)
-        if mask is not None:
-            fg &= mask[sl]
-        a_fg[asl] = fg
+        a_det[asl] = det[sl]
+        if _d.other_groups_near(reg, box):
+            ok = _d.group_mask(reg, box)
+            if mask is not None:
+                ok &= mask[sl]
+            a_ok[asl] = ok
+        elif mask is not None:
+            a_ok[asl] = mask[sl]
+        else:
+            a_ok[asl] = True
         if a_w is not None:
             a_w[asl] = weight[sl]
-        for k, v in sources.items():
-            a_src[k][asl] = v[sl]
         a_crop[asl] = i + 1
+    a_fg = (a_det > t).view(np.uint8)
+    a_fg &= a_ok.view(np.uint8)
+    del a_ok
     lab = _chain(a_fg, a_det, a_w, **chain)
-    del a_fg, a_w
-    pieces.append(_Piece(lab, inner[:, :4].copy(), np.stack([ay, ax], axis=1), a_crop, a_src))
+    del a_fg, a_w, a_det
+    pieces.append(_objects_of(lab, inner[:, :4], np.stack([ay, ax], axis=1), a_crop, w))
     return pieces
 
 
-def _piece_stats(piece: _Piece, t1: np.float32) -> dict[str, np.ndarray]:
+def _piece_stats(piece: _Piece, values: dict[str, np.ndarray], t1: np.float32
+                 ) -> dict[str, np.ndarray]:
     """Per-object statistics of one piece (objects in label order, image coordinates)."""
-    lab_img = piece.labels
-    flat = lab_img.ravel()
-    idx = np.flatnonzero(flat)
-    lab = flat[idx]
+    lab, pix = piece.lab, piece.pix
     n = int(lab.max())
     count = np.bincount(lab, minlength=n + 1)
     ids = np.flatnonzero(count)
     ids = ids[ids > 0]
-    ys, xs = np.divmod(idx, lab_img.shape[1])
-    if piece.crop is None:
-        dy, dx = piece.boxes[0, 0], piece.boxes[0, 2]
-        ys = ys + dy
-        xs = xs + dx
-    else:
-        c = piece.crop.ravel()[idx] - 1
-        ys = ys + (piece.boxes[:, 0] - piece.at[:, 0])[c]
-        xs = xs + (piece.boxes[:, 2] - piece.at[:, 1])[c]
+    width = values["dab"].shape[1]
+    ys, xs = np.divmod(pix, width)
     out = {"label": ids, "count": count[ids].astype(np.float64),
            "sum_x": np.bincount(lab, weights=xs, minlength=n + 1)[ids],
            "sum_y": np.bincount(lab, weights=ys, minlength=n + 1)[ids]}
-    v = piece.values
-    dab = v["dab"].ravel()[idx]
+    dab = values["dab"].ravel()[pix]
     out["sum_dab"] = np.bincount(lab, weights=dab, minlength=n + 1)[ids]
-    out["sum_hema"] = np.bincount(lab, weights=v["hema"].ravel()[idx], minlength=n + 1)[ids]
+    out["sum_hema"] = np.bincount(lab, weights=values["hema"].ravel()[pix],
+                                  minlength=n + 1)[ids]
     out["sum_dabpos"] = np.bincount(lab, weights=dab >= t1, minlength=n + 1)[ids]
-    if "dabc" in v:
-        out["sum_dabc"] = np.bincount(lab, weights=v["dabc"].ravel()[idx], minlength=n + 1)[ids]
+    if "dabc" in values:
+        out["sum_dabc"] = np.bincount(lab, weights=values["dabc"].ravel()[pix],
+                                      minlength=n + 1)[ids]
     dmax = np.zeros(n + 1, np.float32)
     np.maximum.at(dmax, lab, dab)
     out["dmax"] = dmax[ids]
     hmax = np.zeros(n + 1, np.float32)
-    np.maximum.at(hmax, lab, v["hmax"].ravel()[idx])
+    np.maximum.at(hmax, lab, values["hmax"].ravel()[pix])
     out["hmax"] = hmax[ids]
     return out
-
-
-def _paste(pieces: list[_Piece], out: np.ndarray, relabel: list[np.ndarray]) -> None:
-    """Write each piece's labels (mapped through its ``relabel`` table) into ``out``."""
-    for piece, table in zip(pieces, relabel, strict=True):
-        lab = table[piece.labels]
-        for (y0, y1, x0, x1), (ay, ax) in zip(piece.boxes, piece.at, strict=True):
-            src = lab[ay:ay + y1 - y0, ax:ax + x1 - x0]
-            np.copyto(out[y0:y1, x0:x1], src, where=src > 0)
 
 
 def _objects_sparse(hema, dab, mask, *, params, um, px_area_um2, split_kwargs, origin):
@@ -520,10 +524,10 @@ def _objects_sparse(hema, dab, mask, *, params, um, px_area_um2, split_kwargs, o
         dab_det = _det_map(dab, params=params, um=um, origin=origin)
         src = {"dab": dab, "hema": hema, "hmax": hsmooth, "dabc": dab_det}
         p1 = _pass_sparse(dab_det, mask, params.dab_detection_threshold_od, weight_for(dab_det),
-                          src, trim=True, **kw)
+                          trim=True, **kw)
         occ = np.zeros(hema.shape, np.uint8)
-        _paste(p1, occ, [np.minimum(np.arange(int(p.labels.max()) + 1), 1).astype(np.uint8)
-                         for p in p1])
+        for p in p1:
+            occ.ravel()[p.pix] = 1
         gap = int(round(params.nucleus_exclusion_um * um))
         if gap > 0:
             occ = cv2.dilate(occ, cv2.getStructuringElement(
@@ -533,7 +537,7 @@ def _objects_sparse(hema, dab, mask, *, params, um, px_area_um2, split_kwargs, o
             free &= mask
         del occ
         hdet = _det_map(hema, params=params, um=um, origin=origin)
-        p2 = _pass_sparse(hdet, free, params.detection_threshold_od, weight_for(hdet), src,
+        p2 = _pass_sparse(hdet, free, params.detection_threshold_od, weight_for(hdet),
                           trim=False, **kw)
         passes = p1 + p2
     else:
@@ -546,10 +550,11 @@ def _objects_sparse(hema, dab, mask, *, params, um, px_area_um2, split_kwargs, o
             src["dabc"] = det
         elif params.min_dab_contrast_od > 0:
             src["dabc"] = _det_map(dab, params=params, um=um, origin=origin)
-        passes = _pass_sparse(det, mask, params.detection_threshold_od, weight_for(det), src,
+        passes = _pass_sparse(det, mask, params.detection_threshold_od, weight_for(det),
                               trim=True, **kw)
-    has_c = bool(passes) and "dabc" in passes[0].values
-    stats = [_piece_stats(p, np.float32(params.dab_threshold_1_od)) for p in passes]
+    passes = [p for p in passes if len(p.lab)]
+    has_c = "dabc" in src
+    stats = [_piece_stats(p, src, np.float32(params.dab_threshold_1_od)) for p in passes]
     keys = ["count", "sum_x", "sum_y", "sum_dab", "sum_hema", "sum_dabpos", "dmax", "hmax"] + (
         ["sum_dabc"] if has_c else [])
     st = {k: np.concatenate([np.zeros(1)] + [s[k] for s in stats]) for k in keys}
@@ -559,12 +564,11 @@ def _objects_sparse(hema, dab, mask, *, params, um, px_area_um2, split_kwargs, o
     def paste(relabel: np.ndarray) -> np.ndarray:
         """relabel: new id per object (index = 1 + object index) -> full label image."""
         out = np.zeros(hema.shape, np.int32)
-        tables = []
+        flat = out.ravel()
         for p, s, k0 in zip(passes, stats, starts[:-1], strict=True):
-            tab = np.zeros(int(p.labels.max()) + 1, np.int32)
+            tab = np.zeros(int(p.lab.max()) + 1, np.int32)
             tab[s["label"]] = relabel[1 + k0:1 + k0 + len(s["label"])]
-            tables.append(tab)
-        _paste(passes, out, tables)
+            flat[p.pix] = tab[p.lab]
         return out
 
     dmax = st.pop("dmax").astype(np.float32)
