@@ -323,19 +323,23 @@ def compartment_map(
         raise InputError(f"`rgb` has shape {np.shape(rgb)}, fiber labels have {shape}")
     mpp = _check_mpp(mpp)
     tissue = tissue.astype(bool, copy=False)
-    fiber_full = fiber_labels > 0
+    if not np.issubdtype(fiber_labels.dtype, np.integer):
+        fiber_labels = (fiber_labels > 0).view(np.uint8)
 
     # brightness (lumen-like) image
     od = None
     if hema_od is not None:
         od = np.asarray(hema_od, np.float32)
         if dab_od is not None:
-            od = od + np.maximum(np.asarray(dab_od, np.float32), 0)
+            dab_pos = np.maximum(np.asarray(dab_od, np.float32), np.float32(0))
+            dab_pos += od  # == od + max(dab, 0) (float32 addition commutes exactly)
+            od = dab_pos
     elif rgb is not None:
         rgb = np.asarray(rgb)
         if rgb.dtype == np.uint8 and rgb.ndim == 3:
             lut = np.maximum(-np.log10(np.maximum(np.arange(256), 1) / 255.0), 0)
-            od = (lut[rgb].sum(-1) / 3.0).astype(np.float32)
+            od = _mean_lut_od(rgb, lut) if rgb.shape[2] == 3 else \
+                (lut[rgb].sum(-1) / 3.0).astype(np.float32)
 
     # working grid
     factor = max(1.0, params.working_mpp_um / mpp)
@@ -344,8 +348,14 @@ def compartment_map(
     else:
         ws = shape
     wm = mpp * shape[0] / ws[0]
-    fiber = _resize_mask(fiber_full, ws)
-    tis = _resize_mask(tissue | fiber_full, ws)
+    # fiber and tissue-or-fiber masks on the working grid: one 2-channel resize
+    both = _fiber_tissue_u8(fiber_labels, tissue)
+    if ws != shape:
+        interp = cv2.INTER_AREA if ws[0] < shape[0] else cv2.INTER_LINEAR
+        both = cv2.resize(both, (ws[1], ws[0]), interpolation=interp)
+    fiber = both[..., 0] >= 128
+    tis = both[..., 1] >= 128
+    del both
     od_w = None
     bright = None
     if od is not None:
@@ -374,18 +384,64 @@ def compartment_map(
         d = cv2.distanceTransform((~vessel).astype(np.uint8), cv2.DIST_L2, 5)
         perivasc = (d <= params.perivascular_width_um / wm) & nonfiber & ~vessel
 
+    # the three zones back to the input grid in one 3-channel resize (as _resize_mask per
+    # zone: channels are interpolated independently), then one pass writes the codes
+    zones = np.empty((*ws, 3), np.uint8)
+    for c, z in enumerate((peri, vessel, perivasc)):
+        np.multiply(z, np.uint8(255), out=zones[..., c])
     if ws != shape:
-        peri = _resize_mask(peri, shape)
-        vessel = _resize_mask(vessel, shape)
-        perivasc = _resize_mask(perivasc, shape)
+        interp = cv2.INTER_AREA if shape[0] < ws[0] else cv2.INTER_LINEAR
+        zones = cv2.resize(zones, (shape[1], shape[0]), interpolation=interp)
+    return _compose_codes(fiber_labels, tissue, zones)
 
-    codes = np.zeros(shape, np.uint8)
-    codes[tissue] = CODES["endomysium"]
-    codes[peri & tissue] = CODES["perimysium"]
-    codes[perivasc & tissue] = CODES["perivascular"]
-    codes[vessel & ~fiber_full] = CODES["vessel"]
-    codes[fiber_full] = CODES["fiber"]
-    return codes
+
+@njit(cache=True, nogil=True)
+def _fiber_tissue_u8(labels, tissue):
+    """(H, W, 2) uint8: 255 where ``labels > 0``; 255 where tissue or fiber."""
+    h, w = labels.shape
+    out = np.empty((h, w, 2), np.uint8)
+    for y in range(h):
+        for x in range(w):
+            f = labels[y, x] > 0
+            out[y, x, 0] = 255 if f else 0
+            out[y, x, 1] = 255 if (f or tissue[y, x]) else 0
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _compose_codes(labels, tissue, zones):
+    """Compartment codes from the fiber labels, the tissue mask and the (H, W, 3) zones
+    (perimysium, vessel, perivascular; in where >= 128). Later rules win: tissue ->
+    endomysium, perimysium, perivascular (inside tissue); vessel (outside fibers); fiber."""
+    h, w = labels.shape
+    out = np.empty((h, w), np.uint8)
+    for y in range(h):
+        for x in range(w):
+            c = 0
+            if tissue[y, x]:
+                c = 2
+                if zones[y, x, 0] >= 128:
+                    c = 3
+                if zones[y, x, 2] >= 128:
+                    c = 5
+            if labels[y, x] > 0:
+                c = 1
+            elif zones[y, x, 1] >= 128:
+                c = 4
+            out[y, x] = c
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _mean_lut_od(rgb, lut):
+    """``(lut[rgb].sum(-1) / 3).astype(float32)`` without the (H, W, 3) float64 image."""
+    h, w = rgb.shape[0], rgb.shape[1]
+    out = np.empty((h, w), np.float32)
+    for y in range(h):
+        for x in range(w):
+            out[y, x] = np.float32((lut[rgb[y, x, 0]] + lut[rgb[y, x, 1]]
+                                    + lut[rgb[y, x, 2]]) / 3.0)
+    return out
 
 
 def compartment_areas_mm2(codes: np.ndarray, mpp: float | None) -> dict[str, float]:
