@@ -47,8 +47,8 @@ def background_subtract(img: np.ndarray, radius_px: float, origin: tuple[int, in
 
     Structures narrower than the square (cells) stay; slowly varying stain (non-specific
     background, uneven illumination residue) is removed. The opening is computed on
-    ``f × f`` block means (``f = radius/4``) and upsampled bilinearly, which is several times
-    faster and smoother. The blocks are anchored at multiples of ``f`` in the coordinates
+    ``f × f`` block means (``f = radius/4``, edges reflected) and upsampled bilinearly
+    (numba kernels, one pass each), which is several times faster and smoother. The blocks are anchored at multiples of ``f`` in the coordinates
     given by ``origin`` (x, y of the image's top-left pixel), so that tiles of one slide and
     the whole slide get identical backgrounds away from their borders.
     """
@@ -56,23 +56,95 @@ def background_subtract(img: np.ndarray, radius_px: float, origin: tuple[int, in
         return img
     h, w = img.shape
     f = max(1, int(radius_px // 4))
+    img = np.ascontiguousarray(img, dtype=np.float32)
     if f > 1:
         px0, py0 = int(origin[0]) % f, int(origin[1]) % f
-        py1 = (-(h + py0)) % f
-        px1 = (-(w + px0)) % f
-        pad = cv2.copyMakeBorder(img, py0, py1, px0, px1, cv2.BORDER_REFLECT)
-        ph, pw = pad.shape
-        small = cv2.resize(pad, (pw // f, ph // f), interpolation=cv2.INTER_AREA)
+        small = np.empty((-(-(h + py0) // f), -(-(w + px0) // f)), np.float32)
+        _block_means(img, f, py0, px0, small)
         r = max(1, int(round(radius_px / f)))
     else:
         small, r = img, max(1, int(round(radius_px)))
     k = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * r + 1, 2 * r + 1))
     bg = cv2.morphologyEx(small, cv2.MORPH_OPEN, k, borderType=cv2.BORDER_REFLECT)
+    out = np.empty_like(img)
     if f > 1:
-        bg = cv2.resize(bg, (pw, ph), interpolation=cv2.INTER_LINEAR)[py0:py0 + h, px0:px0 + w]
-    out = img - bg
-    np.maximum(out, 0, out=out)
+        _subtract_upsampled(img, np.ascontiguousarray(bg, np.float32), f, py0, px0, out)
+    else:
+        np.subtract(img, bg, out=out)
+        np.maximum(out, 0, out=out)
     return out
+
+
+@njit(cache=True, nogil=True)
+def _block_means(img, f, py0, px0, out):  # pragma: no cover - numba
+    """Means of f x f blocks of ``img`` shifted by (py0, px0), edges reflected (OpenCV's
+    BORDER_REFLECT: the block grid covers the image padded by py0/px0 rows/cols before)."""
+    h, w = img.shape
+    nby, nbx = out.shape
+    acc = np.zeros(nbx, np.float64)
+    inv = 1.0 / (f * f)
+    for by in range(nby):
+        acc[:] = 0.0
+        for k in range(f):
+            y = by * f + k - py0
+            if y < 0:
+                y = -y - 1
+            elif y >= h:
+                y = 2 * h - y - 1
+            for bx in range(nbx):
+                s = 0.0
+                for j in range(f):
+                    x = bx * f + j - px0
+                    if x < 0:
+                        x = -x - 1
+                    elif x >= w:
+                        x = 2 * w - x - 1
+                    s += img[y, x]
+                acc[bx] += s
+        for bx in range(nbx):
+            out[by, bx] = acc[bx] * inv
+
+
+@njit(cache=True, nogil=True)
+def _subtract_upsampled(img, bg, f, py0, px0, out):  # pragma: no cover - numba
+    """``max(img - bilinear(bg), 0)`` with ``bg`` on the f x f block grid of
+    :func:`_block_means` (pixel centres as in OpenCV's INTER_LINEAR resize)."""
+    h, w = img.shape
+    nby, nbx = bg.shape
+    x0 = np.empty(w, np.int64)
+    x1 = np.empty(w, np.int64)
+    wx = np.empty(w, np.float32)
+    for x in range(w):
+        fx = (x + px0 + 0.5) / f - 0.5
+        sx = int(np.floor(fx))
+        a = fx - sx
+        if sx < 0:
+            sx, a = 0, 0.0
+        if sx >= nbx - 1:
+            sx, a = nbx - 1, 0.0
+        x0[x] = sx
+        x1[x] = min(sx + 1, nbx - 1)
+        wx[x] = a
+    row0 = np.empty(w, np.float32)
+    row1 = np.empty(w, np.float32)
+    one = np.float32(1.0)
+    for y in range(h):
+        fy = (y + py0 + 0.5) / f - 0.5
+        sy = int(np.floor(fy))
+        b = fy - sy
+        if sy < 0:
+            sy, b = 0, 0.0
+        if sy >= nby - 1:
+            sy, b = nby - 1, 0.0
+        sy1 = min(sy + 1, nby - 1)
+        wy = np.float32(b)
+        for x in range(w):
+            a = wx[x]
+            row0[x] = (one - a) * bg[sy, x0[x]] + a * bg[sy, x1[x]]
+            row1[x] = (one - a) * bg[sy1, x0[x]] + a * bg[sy1, x1[x]]
+        for x in range(w):
+            v = img[y, x] - ((one - wy) * row0[x] + wy * row1[x])
+            out[y, x] = v if v > 0 else np.float32(0.0)
 
 
 def foreground(det: np.ndarray, threshold: float, mask: np.ndarray | None) -> np.ndarray:
@@ -250,15 +322,11 @@ def _nearest_seed_group(ys, xs, pc, seeds, seed_comp, groups, any_group, max_dir
     out = np.empty(len(pc), np.int64)
     direct = cnt <= max_direct
     if direct.any():
-        dy, dx, ds, dc = ys[direct], xs[direct], start[direct], cnt[direct]
-        kmax = int(dc.max())
-        ar = np.arange(kmax)
-        valid = ar[None, :] < dc[:, None]
-        sj = order[np.minimum(ds[:, None] + ar[None, :], len(order) - 1)]
-        d2 = (dy[:, None] - seeds[sj, 0]) ** 2 + (dx[:, None] - seeds[sj, 1]) ** 2
-        d2 = np.where(valid, d2, np.iinfo(np.int64).max)
-        pick = sj[np.arange(len(dc)), d2.argmin(axis=1)]
-        out[direct] = groups[pick] + 1
+        _nearest_direct(np.ascontiguousarray(ys, np.int64), np.ascontiguousarray(xs, np.int64),
+                        start.astype(np.int64), cnt.astype(np.int64), order.astype(np.int64),
+                        np.ascontiguousarray(seeds[:, 0], np.int64),
+                        np.ascontiguousarray(seeds[:, 1], np.int64),
+                        groups.astype(np.int64), np.flatnonzero(direct), out)
     if (~direct).any():
         # larger components: a k-d tree of the component's own seeds, in coordinates relative
         # to the seeds' corner so that the answer (ties included) depends on nothing else
@@ -274,6 +342,24 @@ def _nearest_seed_group(ys, xs, pc, seeds, seed_comp, groups, any_group, max_dir
             _, nn = cKDTree((pts - corner).astype(np.float64)).query(q.astype(np.float64))
             out[part] = groups[sidx[nn]] + 1
     return out
+
+
+@njit(cache=True, nogil=True)
+def _nearest_direct(ys, xs, start, cnt, order, sy, sx, groups, sel, out):  # pragma: no cover
+    """out[i] = group + 1 of the nearest seed (first in ``order`` on ties) for pixels ``sel``."""
+    for k in range(len(sel)):
+        i = sel[k]
+        best = np.iinfo(np.int64).max
+        pick = 0
+        for j in range(start[i], start[i] + cnt[i]):
+            q = order[j]
+            dy = ys[i] - sy[q]
+            dx = xs[i] - sx[q]
+            d = dy * dy + dx * dx
+            if d < best:
+                best = d
+                pick = q
+        out[i] = groups[pick] + 1
 
 
 def refine_large(labels: np.ndarray, det: np.ndarray, *, max_area_px: float, levels: int,
@@ -516,26 +602,26 @@ def plan_regions(cand: np.ndarray, block: int, shape: tuple[int, int], *, reach_
     # a (g+1) x (g+1) dilation joins them
     g = int(np.ceil(reach_px / block))
     dil = cand if g == 0 else cv2.dilate(cand, np.ones((g + 1, g + 1), np.uint8))
-    n, group = cv2.connectedComponents(dil, connectivity=8, ltype=cv2.CV_32S)
+    n, group, st, _ = cv2.connectedComponentsWithStats(dil, connectivity=8, ltype=cv2.CV_32S)
     if n <= 1:
         return Regions(block, group, np.zeros((0, 5), np.int64), np.zeros(0, bool))
-    # bounding boxes of each group's candidate blocks (not of the dilated ones)
-    gy, gx = np.nonzero(cand)
-    g = group[gy, gx]
-    ymin = np.full(n, 1 << 40, np.int64)
-    xmin = np.full(n, 1 << 40, np.int64)
-    ymax = np.full(n, -1, np.int64)
-    xmax = np.full(n, -1, np.int64)
-    np.minimum.at(ymin, g, gy)
-    np.minimum.at(xmin, g, gx)
-    np.maximum.at(ymax, g, gy)
-    np.maximum.at(xmax, g, gx)
-    ids = np.flatnonzero(ymax >= 0)
-    ids = ids[ids > 0]
-    y0 = ymin[ids] * block - margin_px
-    x0 = xmin[ids] * block - margin_px
-    y1 = (ymax[ids] + 1) * block + margin_px
-    x1 = (xmax[ids] + 1) * block + margin_px
+    # bounding box of each group's candidate blocks: the dilated box shrunk by the dilation's
+    # reach on every side not clipped by the grid (a clipped side keeps the larger box)
+    st = st[1:].astype(np.int64)
+    ids = np.arange(1, n, dtype=np.int64)
+    nby, nbx = cand.shape
+    e = g // 2  # the (g+1)-square dilation grew every side by at least this
+    bx0, by0 = st[:, 0], st[:, 1]
+    bx1, by1 = st[:, 0] + st[:, 2], st[:, 1] + st[:, 3]
+    if e:
+        bx0 = np.where(bx0 > 0, bx0 + e, 0)
+        by0 = np.where(by0 > 0, by0 + e, 0)
+        bx1 = np.where(bx1 < nbx, bx1 - e, nbx)
+        by1 = np.where(by1 < nby, by1 - e, nby)
+    y0 = by0 * block - margin_px
+    x0 = bx0 * block - margin_px
+    y1 = by1 * block + margin_px
+    x1 = bx1 * block + margin_px
     border = (y0 < 0) | (x0 < 0) | (y1 > h) | (x1 > w)
     boxes = np.stack([np.maximum(y0, 0), np.minimum(y1, h), np.maximum(x0, 0),
                       np.minimum(x1, w), ids], axis=1).astype(np.int64)
@@ -552,12 +638,25 @@ def group_mask(regions: Regions, box: np.ndarray) -> np.ndarray:
     return up[y0 - by0 * b:y1 - by0 * b, x0 - bx0 * b:x1 - bx0 * b]
 
 
-def other_groups_near(regions: Regions, box: np.ndarray) -> bool:
-    """True when blocks of another group lie in ``box`` (then :func:`group_mask` is needed)."""
-    y0, y1, x0, x1, gid = (int(v) for v in box)
-    b = regions.block
-    sub = regions.group[y0 // b:-(-y1 // b), x0 // b:-(-x1 // b)]
-    return bool(np.any((sub != 0) & (sub != gid)))
+def other_groups_near(regions: Regions) -> np.ndarray:
+    """bool per box: blocks of another group lie in it (then :func:`group_mask` is needed)."""
+    out = np.zeros(len(regions.boxes), np.bool_)
+    _other_groups(regions.group, regions.boxes, regions.block, out)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _other_groups(group, boxes, b, out):  # pragma: no cover - numba
+    for i in range(boxes.shape[0]):
+        gid = boxes[i, 4]
+        for by in range(boxes[i, 0] // b, -(-boxes[i, 1] // b)):
+            for bx in range(boxes[i, 2] // b, -(-boxes[i, 3] // b)):
+                v = group[by, bx]
+                if v != 0 and v != gid:
+                    out[i] = True
+                    break
+            if out[i]:
+                break
 
 
 def pack_boxes(heights: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, np.ndarray,

@@ -440,17 +440,19 @@ def _pass_sparse(det: np.ndarray, mask: np.ndarray | None, threshold: float,
     hh = inner[:, 1] - inner[:, 0]
     ww = inner[:, 3] - inner[:, 2]
     ay, ax, ashape = _d.pack_boxes(hh, ww)
+    at = np.stack([ay, ax], axis=1)
+    ay, ax = ay.tolist(), ax.tolist()
     a_det = np.zeros(ashape, np.float32)
     a_ok = np.zeros(ashape, bool)  # pixels of the rectangle's own group inside the mask
     a_w = None if weight is None else np.zeros(ashape, np.float32)
     a_crop = np.zeros(ashape, np.int32)
-    for i, box in enumerate(inner):
-        y0, y1, x0, x1 = (int(v) for v in box[:4])
+    mixed = _d.other_groups_near(reg)[~reg.border]
+    for i, (y0, y1, x0, x1, _g) in enumerate(inner.tolist()):
         sl = (slice(y0, y1), slice(x0, x1))
-        asl = (slice(int(ay[i]), int(ay[i]) + y1 - y0), slice(int(ax[i]), int(ax[i]) + x1 - x0))
+        asl = (slice(ay[i], ay[i] + y1 - y0), slice(ax[i], ax[i] + x1 - x0))
         a_det[asl] = det[sl]
-        if _d.other_groups_near(reg, box):
-            ok = _d.group_mask(reg, box)
+        if mixed[i]:
+            ok = _d.group_mask(reg, inner[i])
             if mask is not None:
                 ok &= mask[sl]
             a_ok[asl] = ok
@@ -466,7 +468,7 @@ def _pass_sparse(det: np.ndarray, mask: np.ndarray | None, threshold: float,
     del a_ok
     lab = _chain(a_fg, a_det, a_w, **chain)
     del a_fg, a_w, a_det
-    pieces.append(_objects_of(lab, inner[:, :4], np.stack([ay, ax], axis=1), a_crop, w))
+    pieces.append(_objects_of(lab, inner[:, :4], at, a_crop, w))
     return pieces
 
 
