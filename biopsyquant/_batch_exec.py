@@ -30,6 +30,30 @@ def _worker_init() -> None:
         pass
 
 
+_LIBC: Any = None
+
+
+def release_memory() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``; no-op elsewhere).
+
+    A worker that has just measured a tile has freed its large arrays, but glibc keeps much
+    of that memory mapped (arrays below its dynamic mmap threshold land in the heap). Left
+    alone, an idle worker keeps the resident size of its largest tile while the other
+    worker and the driver peak, which adds up on a small machine.
+    """
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
 class _LazyFuture:
     """Future of :class:`SerialRunner`: computed in this process when waited on."""
 

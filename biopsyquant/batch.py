@@ -37,7 +37,7 @@ from typing import Any
 import pandas as pd
 
 from . import __version__
-from ._batch_exec import make_runner
+from ._batch_exec import make_runner, release_memory
 from ._batch_inputs import SlideInput, gather_inputs
 from ._batch_io import (
     OutputLock,
@@ -133,16 +133,22 @@ def _task_start(path: str, mpp: float | None, settings: Settings, exclusions, na
             if msg not in plan.warnings:
                 plan.warnings.insert(0, msg)
         if tiled:
+            release_memory()  # thumbnail, stain and tissue work done
             return "plan", plan
         (task,) = tile_tasks(plan, mpp_override=mpp)
         tile = measure_tile(task, slide=slide)
-        return "result", merge_tiles(plan, [tile], seconds=time.perf_counter() - t0)
+    result = merge_tiles(plan, [tile], seconds=time.perf_counter() - t0)
+    del tile
+    release_memory()
+    return "result", result
 
 
 def _task_tile(task):
     from .wsi import measure_tile
 
-    return measure_tile(task)
+    result = measure_tile(task)
+    release_memory()  # an idle worker should not hold the memory of its last tile
+    return result
 
 
 def score_one(path: str | Path, *, settings: Settings, mpp: float | None = None,
