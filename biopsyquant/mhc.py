@@ -59,13 +59,12 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import cv2
 import numpy as np
 import pandas as pd
-from numba import njit
+from numba import njit, prange
 
 from .errors import InputError
-from .pixels import _od_lut, _pale_par, _pale_ser, _run, code_mask, positive_vessels
+from .pixels import _od_lut, _run, _vessels
 
 if TYPE_CHECKING:  # score imports the analysis modules lazily; avoid a cycle at import time
     from .score import ImageContext, Measurements
@@ -220,69 +219,130 @@ class MhcParams:
 
 
 # ------------------------------------------------------------------------------- kernels
+# Chamfer distances exactly as OpenCV's 5x5 DIST_L2 mask computes them (fixed point with 16
+# fractional bits, weights 1, 1.4, 2.1969; outside the image counts as far), in numba so that
+# the per-fiber statistics are gathered in the same pass.
+_HV = 65536
+_DG = int(round(float(np.float32(1.4)) * 65536))
+_LG = int(round(float(np.float32(2.1969)) * 65536))
+_FAR = 2147483647
+_SCALE = np.float32(1.0 / 65536)
+#: neighbour offsets of the forward (causal) half of the 5x5 mask, in OpenCV's order; the
+#: backward half is the mirror image
+_FWD_DI = np.array([-2, -2, -1, -1, -1, -1, -1, 0], np.int64)
+_FWD_DJ = np.array([-1, 1, -2, -1, 0, 1, 2, -1], np.int64)
+
+
 @njit(**_JIT)
-def _outline(labels, out):
-    """out = 1 inside a fiber except on its outline (4-neighbour with another label)."""
+def _is_outline(labels, i, j, lab, h, w):
+    return ((i > 0 and labels[i - 1, j] != lab) or (i < h - 1 and labels[i + 1, j] != lab)
+            or (j > 0 and labels[i, j - 1] != lab) or (j < w - 1 and labels[i, j + 1] != lab))
+
+
+@njit(**_JIT)
+def _rim_pass(labels, dab, mask, rgb, lut, limit, use_rgb, rim_in, rim_out, ring_w, n_ring, lo,
+              inv_w, nb, ring_hist, int_hist, npx, nana, npale, maxdist, T, L):
+    """One chamfer transform for both sides of every outline, plus the per-fiber statistics.
+
+    Sources (distance 0) are the fiber outline pixels (a fiber pixel 4-adjacent to another
+    label or to background; the image edge is not an outline). A fiber pixel's value is then
+    its distance to the outline (OpenCV's transform of the label image with outlines and
+    background as zeros) and a background pixel's value its distance to the nearest fiber
+    pixel with that fiber's label propagated along (``distanceTransformWithLabels`` of the
+    background): in the 5x5 chamfer mask a fiber's interior pixel always has an outline pixel
+    of its own fiber as a strictly closer neighbour than any pixel outside it, and a background
+    pixel an outline pixel closer than any fiber interior pixel, so the two transforms do not
+    interact. Ties between neighbours are broken in OpenCV's order, so the nearest-fiber labels
+    are those of OpenCV as well.
+
+    ``T`` (uint32) and ``L`` (int32) are (H + 4, W + 4) work buffers.
+    """
     h, w = labels.shape
+    for i in range(h + 4):
+        for j in range(w + 4):
+            T[i, j] = _FAR
+            L[i, j] = 0
+    # forward pass
     for i in range(h):
+        ii = i + 2
+        prev = np.int64(_FAR)
         for j in range(w):
+            jj = j + 2
             lab = labels[i, j]
-            if lab <= 0:
-                out[i, j] = 0
+            if lab > 0 and _is_outline(labels, i, j, lab, h, w):
+                T[ii, jj] = 0
+                L[ii, jj] = lab
+                prev = 0
                 continue
-            b = False
-            if i > 0 and labels[i - 1, j] != lab:
-                b = True
-            elif i < h - 1 and labels[i + 1, j] != lab:
-                b = True
-            elif j > 0 and labels[i, j - 1] != lab:
-                b = True
-            elif j < w - 1 and labels[i, j + 1] != lab:
-                b = True
-            out[i, j] = 0 if b else 1
-
-
-@njit(**_JIT)
-def _fiber_stats(labels, dab, mask, din, dout, nearest, owner, pale, edge, rim_in, rim_out,
-                 ring_w,
-                 n_ring, lo, inv_w, nb, ring_hist, int_hist, npx, nana, npale, maxdist,
-                 minedge):
-    h, w = labels.shape
-    for i in range(h):
-        for j in range(w):
+            k = np.int64(_FAR) * 16 + 8
+            k = min(k, (np.int64(T[ii - 2, jj - 1]) + _LG) * 16 + 0)
+            k = min(k, (np.int64(T[ii - 2, jj + 1]) + _LG) * 16 + 1)
+            k = min(k, (np.int64(T[ii - 1, jj - 2]) + _LG) * 16 + 2)
+            k = min(k, (np.int64(T[ii - 1, jj - 1]) + _DG) * 16 + 3)
+            k = min(k, (np.int64(T[ii - 1, jj]) + _HV) * 16 + 4)
+            k = min(k, (np.int64(T[ii - 1, jj + 1]) + _DG) * 16 + 5)
+            k = min(k, (np.int64(T[ii - 1, jj + 2]) + _LG) * 16 + 6)
+            k = min(k, (prev + _HV) * 16 + 7)
+            t0 = k >> 4
+            T[ii, jj] = t0
+            prev = t0
+            if lab > 0:
+                L[ii, jj] = lab
+            else:
+                q = k & 15
+                L[ii, jj] = 0 if q == 8 else L[ii + _FWD_DI[q], jj + _FWD_DJ[q]]
+    # backward pass with the statistics
+    for i in range(h - 1, -1, -1):
+        ii = i + 2
+        prev = np.int64(_FAR)
+        for j in range(w - 1, -1, -1):
+            jj = j + 2
+            t0 = np.int64(T[ii, jj])
             lab = labels[i, j]
+            if t0 > _HV:
+                k = t0 * 16
+                k = min(k, (np.int64(T[ii + 2, jj + 1]) + _LG) * 16 + 1)
+                k = min(k, (np.int64(T[ii + 2, jj - 1]) + _LG) * 16 + 2)
+                k = min(k, (np.int64(T[ii + 1, jj + 2]) + _LG) * 16 + 3)
+                k = min(k, (np.int64(T[ii + 1, jj + 1]) + _DG) * 16 + 4)
+                k = min(k, (np.int64(T[ii + 1, jj]) + _HV) * 16 + 5)
+                k = min(k, (np.int64(T[ii + 1, jj - 1]) + _DG) * 16 + 6)
+                k = min(k, (np.int64(T[ii + 1, jj - 2]) + _LG) * 16 + 7)
+                k = min(k, (prev + _HV) * 16 + 8)
+                t0 = k >> 4
+                T[ii, jj] = t0
+                q = k & 15
+                if q > 0 and lab <= 0:
+                    L[ii, jj] = L[ii - _FWD_DI[q - 1], jj - _FWD_DJ[q - 1]]
+            prev = t0
+            d = np.float32(t0) * _SCALE
             if lab <= 0:
                 # outside every fiber: the outer part of the nearest fiber's rim band
-                if not mask[i, j]:
+                if not mask[i, j] or d > rim_out:
                     continue
-                d = dout[i, j]
-                if d > rim_out:
+                owner = L[ii, jj]
+                if owner <= 0:
                     continue
-                lab = owner[nearest[i, j]]
-                if lab <= 0:
-                    continue
-                k = int((d + rim_in) / ring_w)
-                if k >= n_ring:
-                    k = n_ring - 1
+                kk = int((d + rim_in) / ring_w)
+                if kk >= n_ring:
+                    kk = n_ring - 1
                 b = int((dab[i, j] - lo) * inv_w)
                 if b < 0:
                     b = 0
                 elif b >= nb:
                     b = nb - 1
-                ring_hist[lab, k, b] += 1
+                ring_hist[owner, kk, b] += 1
                 continue
             npx[lab] += 1
-            d = din[i, j]
             if d > maxdist[lab]:
                 maxdist[lab] = d
-            e = edge[i, j]
-            if e < minedge[lab]:
-                minedge[lab] = e
             if not mask[i, j]:
                 continue
             nana[lab] += 1
-            if pale[i, j]:
-                npale[lab] += 1
+            if use_rgb:
+                tod = lut[0, rgb[i, j, 0]] + lut[1, rgb[i, j, 1]] + lut[2, rgb[i, j, 2]]
+                if tod < limit:
+                    npale[lab] += 1
             b = int((dab[i, j] - lo) * inv_w)
             if b < 0:
                 b = 0
@@ -290,12 +350,94 @@ def _fiber_stats(labels, dab, mask, din, dout, nearest, owner, pale, edge, rim_i
                 b = nb - 1
             if d < rim_in:
                 # ring index grows outwards: 0 is the deepest ring of the band
-                k = int((rim_in - d) / ring_w)
-                if k >= n_ring:
-                    k = n_ring - 1
-                ring_hist[lab, k, b] += 1
+                kk = int((rim_in - d) / ring_w)
+                if kk >= n_ring:
+                    kk = n_ring - 1
+                ring_hist[lab, kk, b] += 1
             else:
                 int_hist[lab, b] += 1
+
+
+@njit(**_JIT)
+def _edge_pass(labels, comp, lut, T, minedge):
+    """Chamfer distance to the pixels whose code is in ``lut``; its minimum per fiber.
+
+    Returns False (``minedge`` untouched) when no pixel has such a code.
+    """
+    h, w = labels.shape
+    for i in range(h + 4):
+        for j in range(w + 4):
+            T[i, j] = _FAR
+    found = False
+    for i in range(h):
+        ii = i + 2
+        prev = np.int64(_FAR)
+        for j in range(w):
+            jj = j + 2
+            if lut[comp[i, j]]:
+                T[ii, jj] = 0
+                prev = 0
+                found = True
+                continue
+            t0 = np.int64(T[ii - 2, jj - 1]) + _LG
+            t0 = min(t0, np.int64(T[ii - 2, jj + 1]) + _LG)
+            t0 = min(t0, np.int64(T[ii - 1, jj - 2]) + _LG)
+            t0 = min(t0, np.int64(T[ii - 1, jj - 1]) + _DG)
+            t0 = min(t0, np.int64(T[ii - 1, jj]) + _HV)
+            t0 = min(t0, np.int64(T[ii - 1, jj + 1]) + _DG)
+            t0 = min(t0, np.int64(T[ii - 1, jj + 2]) + _LG)
+            t0 = min(t0, prev + _HV)
+            T[ii, jj] = t0
+            prev = t0
+    if not found:
+        return False
+    for i in range(h - 1, -1, -1):
+        ii = i + 2
+        prev = np.int64(_FAR)
+        for j in range(w - 1, -1, -1):
+            jj = j + 2
+            t0 = np.int64(T[ii, jj])
+            if t0 > _HV:
+                t0 = min(t0, np.int64(T[ii + 2, jj + 1]) + _LG)
+                t0 = min(t0, np.int64(T[ii + 2, jj - 1]) + _LG)
+                t0 = min(t0, np.int64(T[ii + 1, jj + 2]) + _LG)
+                t0 = min(t0, np.int64(T[ii + 1, jj + 1]) + _DG)
+                t0 = min(t0, np.int64(T[ii + 1, jj]) + _HV)
+                t0 = min(t0, np.int64(T[ii + 1, jj - 1]) + _DG)
+                t0 = min(t0, np.int64(T[ii + 1, jj - 2]) + _LG)
+                t0 = min(t0, prev + _HV)
+                T[ii, jj] = t0
+            prev = t0
+            lab = labels[i, j]
+            if lab > 0:
+                d = np.float32(t0) * _SCALE
+                if d < minedge[lab]:
+                    minedge[lab] = d
+    return True
+
+
+@njit(parallel=True, **_JIT)
+def _passes_par(labels, dab, mask, rgb, lut, limit, use_rgb, rim_in, rim_out, ring_w, n_ring,
+                lo, inv_w, nb, ring_hist, int_hist, npx, nana, npale, maxdist, T, L, comp,
+                edge_lut, use_edge, T2, minedge, found):
+    # the two transforms are independent: one per thread
+    for task in prange(2):
+        if task == 0:
+            _rim_pass(labels, dab, mask, rgb, lut, limit, use_rgb, rim_in, rim_out, ring_w,
+                      n_ring, lo, inv_w, nb, ring_hist, int_hist, npx, nana, npale, maxdist,
+                      T, L)
+        elif use_edge:
+            found[0] = _edge_pass(labels, comp, edge_lut, T2, minedge)
+
+
+@njit(**_JIT)
+def _passes_ser(labels, dab, mask, rgb, lut, limit, use_rgb, rim_in, rim_out, ring_w, n_ring,
+                lo, inv_w, nb, ring_hist, int_hist, npx, nana, npale, maxdist, T, L, comp,
+                edge_lut, use_edge, T2, minedge, found):
+    _rim_pass(labels, dab, mask, rgb, lut, limit, use_rgb, rim_in, rim_out, ring_w, n_ring, lo,
+              inv_w, nb, ring_hist, int_hist, npx, nana, npale, maxdist, T, L)
+    if use_edge:
+        found[0] = _edge_pass(labels, comp, edge_lut, T2, minedge)
 
 
 def _hist_quantile(hist: np.ndarray, q: float) -> np.ndarray:
@@ -380,40 +522,32 @@ def score_fibers_mhc(fiber_labels: np.ndarray, dab_od: np.ndarray, *, mpp: float
     if n <= 0:
         return pd.DataFrame({"fiber_id": pd.Series(dtype=np.int32),
                              **{c: pd.Series(dtype=float) for c in FIBER_COLUMNS}})
-    inside = np.empty(shape, np.uint8)
-    _outline(labels, inside)
-    din = cv2.distanceTransform(inside, cv2.DIST_L2, 5)
-    del inside
     rim_in = p.rim_width_um / mpp
     rim_out = p.rim_outside_um / mpp
     ring_w = max(1.0, p.rim_ring_um / mpp)
     n_ring = int((rim_in + rim_out) / ring_w) + 1
-    outside = (labels == 0).view(np.uint8)
-    if rim_out > 0 and outside.any():
-        dout, nearest = cv2.distanceTransformWithLabels(outside, cv2.DIST_L2, 5,
-                                                        labelType=cv2.DIST_LABEL_PIXEL)
-        # DIST_LABEL_PIXEL numbers the zero pixels (the fiber pixels) in raster order:
-        # owner[k] is the fiber of the k-th one
-        owner = np.concatenate([[0], labels[labels > 0]]).astype(np.int32)
-    else:
-        dout = np.full(shape, np.inf, np.float32)
-        nearest = np.zeros(shape, np.int32)
-        owner = np.zeros(1, np.int32)
-    pale = np.zeros(shape, np.uint8)
-    if rgb is not None:
+    use_rgb = rgb is not None
+    if use_rgb:
         rgb = np.ascontiguousarray(rgb)
         if rgb.shape[:2] != shape or rgb.dtype != np.uint8 or rgb.ndim != 3:
             raise InputError(f"`rgb` must be uint8 {shape + (3,)}, got {rgb.dtype} {rgb.shape}")
-        _run(_pale_par, _pale_ser, pale.size, rgb, _od_lut(background),
-             np.float32(p.lumen_max_total_od), labels > 0, pale)
-    edge = np.full(shape, np.inf, np.float32)
-    if compartments is not None:
+        lut = _od_lut(background)
+    else:
+        rgb = np.zeros((1, 1, 3), np.uint8)
+        lut = np.zeros((3, 256), np.float32)
+    use_edge = compartments is not None
+    if use_edge:
         comp = np.asarray(compartments)
         if comp.shape != shape:
             raise InputError(f"`compartments` has shape {comp.shape}, fiber labels have {shape}")
-        edge_mask = code_mask(comp, p.fascicle_edge_codes)
-        if edge_mask.any():
-            edge = cv2.distanceTransform((~edge_mask).view(np.uint8), cv2.DIST_L2, 5)
+        comp = np.ascontiguousarray(comp, dtype=np.uint8)
+        edge_lut = np.zeros(256, np.bool_)
+        edge_lut[np.asarray(p.fascicle_edge_codes, np.int64)] = True
+        t2 = np.empty((shape[0] + 4, shape[1] + 4), np.uint32)
+    else:
+        comp = np.zeros((1, 1), np.uint8)
+        edge_lut = np.zeros(256, np.bool_)
+        t2 = np.zeros((1, 1), np.uint32)
     ring_hist = np.zeros((n + 1, n_ring, _H_N), np.int32)
     int_hist = np.zeros((n + 1, _H_N), np.int32)
     npx = np.zeros(n + 1, np.int64)
@@ -421,12 +555,17 @@ def score_fibers_mhc(fiber_labels: np.ndarray, dab_od: np.ndarray, *, mpp: float
     npale = np.zeros(n + 1, np.int64)
     maxdist = np.zeros(n + 1, np.float32)
     minedge = np.full(n + 1, np.inf, np.float32)
-    _fiber_stats(labels, dab, mask, din, np.ascontiguousarray(dout, np.float32),
-                 np.ascontiguousarray(nearest, np.int32), owner, pale, edge, np.float32(rim_in),
-                 np.float32(rim_out), np.float32(ring_w), n_ring, np.float32(_H_LO),
-                 np.float32(1 / _H_W), _H_N, ring_hist, int_hist, npx, nana, npale, maxdist,
-                 minedge)
-    del din, dout, nearest, owner, pale, edge
+    found = np.zeros(1, np.bool_)
+    t1 = np.empty((shape[0] + 4, shape[1] + 4), np.uint32)
+    l1 = np.empty((shape[0] + 4, shape[1] + 4), np.int32)
+    # both chamfer transforms (outline distances with the statistics; fascicle edge) at once,
+    # one per thread
+    _run(_passes_par, _passes_ser, 2 * labels.size, labels, dab, mask, rgb, lut,
+         np.float32(p.lumen_max_total_od), use_rgb, np.float32(rim_in), np.float32(rim_out),
+         np.float32(ring_w), n_ring, np.float32(_H_LO), np.float32(1 / _H_W), _H_N, ring_hist,
+         int_hist, npx, nana, npale, maxdist, t1, l1, comp, edge_lut, use_edge, t2, minedge,
+         found)
+    del t1, l1, t2
     ids = np.flatnonzero(npx)
     ids = ids[ids > 0]
     rh, ih = ring_hist[ids], int_hist[ids]
@@ -525,17 +664,29 @@ def measure(ctx: ImageContext) -> Measurements:
                            compartments=ctx.compartments)
     if not ctx.mpp:  # sizes ran on the assumed pixel size; physical columns are unknown
         fib["perimysium_distance_um"] = np.nan
-    comp = np.asarray(ctx.compartments)
-    region = np.asarray(ctx.analysed, bool) & code_mask(comp, p.capillary_codes)
-    ves = positive_vessels(ctx.dab_od, region=region, mpp=mpp, own=ctx.own,
-                           threshold_od=p.capillary_od, min_area_um2=p.capillary_min_area_um2,
-                           max_area_um2=p.capillary_max_area_um2,
-                           max_lumen_um2=p.capillary_max_lumen_um2,
-                           max_elongation=p.capillary_max_elongation,
-                           min_contrast_od=p.capillary_min_contrast_od,
-                           level_step_od=p.capillary_level_step_od, hema_od=ctx.hema_od,
-                           nucleus_od=p.capillary_nucleus_od,
-                           max_nucleus_um2=p.capillary_max_nucleus_um2)
+    dab = np.ascontiguousarray(np.asarray(ctx.dab_od, np.float32))
+    shape = dab.shape
+    analysed = np.ascontiguousarray(np.asarray(ctx.analysed, bool))
+    comp = np.ascontiguousarray(np.asarray(ctx.compartments, np.uint8))
+    own = None if ctx.own is None else np.ascontiguousarray(np.asarray(ctx.own, bool))
+    hema = (None if ctx.hema_od is None
+            else np.ascontiguousarray(np.asarray(ctx.hema_od, np.float32)))
+    for name, a in (("analysed", analysed), ("compartments", comp), ("own", own),
+                    ("hema_od", hema)):
+        if a is not None and a.shape != shape:
+            raise InputError(f"`{name}` has shape {a.shape}, the DAB map has {shape}")
+    cap_lut = np.zeros(256, np.bool_)
+    cap_lut[np.asarray(p.capillary_codes, np.int64)] = True
+    # capillaries: analysed pixels with a capillary code, the region built on the fly
+    ves = _vessels(dab, region=analysed, mpp=mpp, own=own, comp=comp, codes_lut=cap_lut,
+                   threshold_od=p.capillary_od, min_area_um2=p.capillary_min_area_um2,
+                   max_area_um2=p.capillary_max_area_um2,
+                   max_lumen_um2=p.capillary_max_lumen_um2,
+                   max_elongation=p.capillary_max_elongation,
+                   min_contrast_od=p.capillary_min_contrast_od,
+                   level_step_od=p.capillary_level_step_od, hema_od=hema,
+                   nucleus_od=p.capillary_nucleus_od,
+                   max_nucleus_um2=p.capillary_max_nucleus_um2)
     counts = {
         "capillary_n": int(len(ves)),
         "capillary_stained_px": int(ves["stained_px"].sum()) if len(ves) else 0,
