@@ -396,11 +396,11 @@ def compartment_map(
     if half:
         # INTER_LINEAR up by exactly 2 samples at (Y + 0.5) / 2 - 0.5: weights 9/16, 3/16,
         # 3/16, 1/16, so a 0/255 mask reaches 128 iff the nearest pixel (Y // 2) is set
-        return _compose_codes(fiber_labels, tissue, zones, 2)
+        return _compose_codes_half(fiber_labels, tissue, zones)
     if ws != shape:
         interp = cv2.INTER_AREA if shape[0] < ws[0] else cv2.INTER_LINEAR
         zones = cv2.resize(zones, (shape[1], shape[0]), interpolation=interp)
-    return _compose_codes(fiber_labels, tissue, zones, 1)
+    return _compose_codes(fiber_labels, tissue, zones)
 
 
 @njit(cache=True, nogil=True)
@@ -437,30 +437,48 @@ def _halve_fiber_tissue(labels, tissue):
     return fiber, tis
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _code(t, f, peri, vessel, perivasc):
+    c = 0
+    if t:
+        c = 2
+        if peri >= 128:
+            c = 3
+        if perivasc >= 128:
+            c = 5
+    if f:
+        c = 1
+    elif vessel >= 128:
+        c = 4
+    return c
+
+
 @njit(cache=True, nogil=True)
-def _compose_codes(labels, tissue, zones, step):
-    """Compartment codes from the fiber labels, the tissue mask and the zones (perimysium,
-    vessel, perivascular; in where >= 128) of pixel ``(y // step, x // step)``. Later rules
-    win: tissue -> endomysium, perimysium, perivascular (inside tissue); vessel (outside
-    fibers); fiber."""
+def _compose_codes(labels, tissue, zones):
+    """Compartment codes from the fiber labels, the tissue mask and the (H, W, 3) zones
+    (perimysium, vessel, perivascular; in where >= 128). Later rules win: tissue ->
+    endomysium, perimysium, perivascular (inside tissue); vessel (outside fibers); fiber."""
     h, w = labels.shape
     out = np.empty((h, w), np.uint8)
     for y in range(h):
-        ys = y // step
         for x in range(w):
-            xs = x // step
-            c = 0
-            if tissue[y, x]:
-                c = 2
-                if zones[ys, xs, 0] >= 128:
-                    c = 3
-                if zones[ys, xs, 2] >= 128:
-                    c = 5
-            if labels[y, x] > 0:
-                c = 1
-            elif zones[ys, xs, 1] >= 128:
-                c = 4
-            out[y, x] = c
+            out[y, x] = _code(tissue[y, x], labels[y, x] > 0, zones[y, x, 0], zones[y, x, 1],
+                              zones[y, x, 2])
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _compose_codes_half(labels, tissue, zones):
+    """:func:`_compose_codes` with zones on a grid half the size (pixel ``(y // 2, x // 2)``)."""
+    h, w = labels.shape
+    out = np.empty((h, w), np.uint8)
+    for y in range(h):
+        zy = zones[y >> 1]
+        for xs in range(w >> 1):
+            p, v, pv = zy[xs, 0], zy[xs, 1], zy[xs, 2]
+            x = 2 * xs
+            out[y, x] = _code(tissue[y, x], labels[y, x] > 0, p, v, pv)
+            out[y, x + 1] = _code(tissue[y, x + 1], labels[y, x + 1] > 0, p, v, pv)
     return out
 
 
