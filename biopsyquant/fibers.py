@@ -133,6 +133,23 @@ class FiberParams:
     grow_um : float
         Cores grow towards the fiber edge by at most this distance (µm); growth also stops at
         the strongest edge and at the centre line of a boundary.
+    interstitium_ratio : float
+        Connective tissue carries more counterstain than sarcoplasm: pixels whose DAB-free OD,
+        smoothed over ``interstitium_smoothing_um``, exceeds this multiple of the typical fiber
+        level are interstitium and never fiber core (0 disables the rule).
+    interstitium_smoothing_um : float
+        Gaussian σ (µm) of that smoothing.
+    dab_patch_od : float
+        DAB OD (log10, smoothed over ``dab_patch_smoothing_um``) above which an area is a DAB
+        patch (granular sarcoplasmic DAB, a DAB-filled fiber): inside it, lines of the total and
+        the DAB-free OD are ignored and only hematoxylin lines separate fibers, so DAB granules
+        neither cut a fiber nor count as interstitium (0 disables the rule).
+    dab_patch_smoothing_um : float
+        Gaussian σ (µm) of the DAB map for ``dab_patch_od``.
+    dab_counterstain_fraction : float
+        When DAB patches cover more than this fraction of the tissue, the "DAB" acts as a
+        counterstain (nearly every fiber stained, or an H&E image read with an H-DAB model):
+        the DAB-specific rules are switched off and the total OD is used throughout.
     nucleus_min_od : float
         Hematoxylin OD (log10) above which a pixel belongs to a nucleus (fiber table).
     nucleus_min_area_um2, nucleus_max_area_um2 : float
@@ -169,6 +186,11 @@ class FiberParams:
     min_solidity: float = 0.75
     max_hole_fraction: float = 0.15
     grow_um: float = 4.0
+    interstitium_ratio: float = 1.55
+    interstitium_smoothing_um: float = 1.5
+    dab_patch_od: float = 0.25
+    dab_patch_smoothing_um: float = 2.0
+    dab_counterstain_fraction: float = 0.5
     nucleus_min_od: float = 0.25
     nucleus_min_area_um2: float = 8.0
     nucleus_max_area_um2: float = 120.0
@@ -194,7 +216,9 @@ class FiberParams:
         for name in ("smoothing_um", "boundary_contrast", "boundary_min_od", "texture_max",
                      "texture_um", "split_depth_um", "max_hole_fraction", "grow_um",
                      "nucleus_min_od", "nucleus_min_area_um2", "nucleus_max_area_um2",
-                     "internal_nucleus_depth_um", "edge_distance_um"):
+                     "internal_nucleus_depth_um", "edge_distance_um", "interstitium_ratio",
+                     "interstitium_smoothing_um", "dab_patch_od", "dab_patch_smoothing_um",
+                     "dab_counterstain_fraction"):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
                 raise InputError(f"FiberParams.{name} must be a number >= 0, got {v!r}")
@@ -594,6 +618,18 @@ def _segment_working(total: np.ndarray, counter: np.ndarray, hema: np.ndarray,
     """Fiber labels on the working grid (pixel size ``wm`` µm)."""
     if tissue.sum() < math.pi * (params.min_diameter_um / wm / 2) ** 2:
         return np.zeros(total.shape, np.int32)
+    # DAB patches (granular sarcoplasmic DAB, DAB-filled fibers); when they cover most of the
+    # tissue the "DAB" is a counterstain and the DAB-free OD is not used
+    patch = None
+    inter_ratio = params.interstitium_ratio
+    if counter is not total and params.dab_patch_od > 0:
+        patch = _gauss(total - counter, params.dab_patch_smoothing_um / wm) > params.dab_patch_od
+        if np.count_nonzero(patch & tissue) > params.dab_counterstain_fraction * np.count_nonzero(
+                tissue):
+            # DAB-filled fibers are darker than connective tissue: no interstitium rule either
+            counter, patch, inter_ratio = total, None, 0.0
+        elif not patch.any():
+            patch = None
     ts = _gauss(total, params.smoothing_um / wm)
     cs = _gauss(counter, params.smoothing_um / wm) if counter is not total else ts
 
@@ -615,14 +651,16 @@ def _segment_working(total: np.ndarray, counter: np.ndarray, hema: np.ndarray,
     # field without glass) than to the typical fiber
     ref_t = min(float(np.percentile(ts, 1.0)), 0.5 * level_t)
     # 1. thin structures darker or paler than their surroundings, in units of each map's
-    #    own noise (fiber grain): dark lines on the total and on the counterstain OD
-    #    (endomysium, nuclei, DAB rims), pale lines on the total OD (cracks, H&E endomysium)
+    #    own noise (fiber grain): dark lines on the DAB-free OD and on the hematoxylin OD
+    #    (endomysium, nuclei), pale lines on the total OD (cracks, H&E endomysium); inside
+    #    DAB patches only the hematoxylin lines count
     k = _disk(params.endomysium_um / wm / 2.0 + 0.5)
     hs = _gauss(hema, params.smoothing_um / wm)
     sl = params.line_smoothing_um / wm
     raw = np.zeros_like(ts)
     line = np.zeros_like(ts)
-    for img, polarity, weight in ((ts, 1, 1.0), (hs, 1, 1.0), (ts, -1, params.pale_line_weight)):
+    for j, (img, polarity, weight) in enumerate(
+            ((cs, 1, 1.0), (hs, 1, 1.0), (ts, -1, params.pale_line_weight))):
         if polarity > 0:
             ref = cv2.morphologyEx(img, cv2.MORPH_OPEN, k)
             t = _gauss(img - ref, sl)
@@ -632,6 +670,9 @@ def _segment_working(total: np.ndarray, counter: np.ndarray, hema: np.ndarray,
         # grain scales with the stain (DAB-filled fibers are grainier): relative contrast
         rel = t / np.maximum(_gauss(ref, 2 * sl), np.float32(0.5 * level_t))
         n = max(float(np.median(rel[cand])), 1e-4)
+        if patch is not None and j != 1:
+            t[patch] = 0
+            rel[patch] = 0
         np.maximum(raw, t, out=raw)
         np.maximum(line, rel * np.float32(weight / n), out=line)
     # a boundary must stand out of the grain AND have a visible contrast
@@ -644,6 +685,8 @@ def _segment_working(total: np.ndarray, counter: np.ndarray, hema: np.ndarray,
         ref_c = min(float(np.percentile(cs, 1.0)), 0.5 * level_c)
         pale &= cs < ref_c + params.pale_fraction * (level_c - ref_c)
     core = tissue & ~boundary & ~pale
+    if inter_ratio > 0:
+        core &= _gauss(counter, params.interstitium_smoothing_um / wm) <= inter_ratio * level_c
     core = _fill_small_holes(core, params.hole_max_area_um2 / wm**2) & tissue
     core = cv2.morphologyEx(core.astype(np.uint8), cv2.MORPH_OPEN, _disk(1)).astype(bool)
 
