@@ -29,7 +29,7 @@ __all__ = ["gaussian", "background_subtract", "foreground", "split_objects", "re
            "trim_to_half_max",
            "expand_labels",
            "object_stats", "nearest_label_at", "candidate_blocks", "Regions", "plan_regions",
-           "group_mask", "other_groups_near", "pack_boxes"]
+           "group_mask", "other_groups_near", "pack_boxes", "fill_atlas", "piece_sums"]
 
 
 def gaussian(img: np.ndarray, sigma_px: float) -> np.ndarray:
@@ -81,26 +81,37 @@ def _block_means(img, f, py0, px0, out):  # pragma: no cover - numba
     BORDER_REFLECT: the block grid covers the image padded by py0/px0 rows/cols before)."""
     h, w = img.shape
     nby, nbx = out.shape
+    pw = nbx * f
+    xmap = np.empty(pw, np.int64)
+    for xx in range(pw):
+        x = xx - px0
+        if x < 0:
+            x = -x - 1
+        elif x >= w:
+            x = 2 * w - x - 1
+        xmap[xx] = x
     acc = np.zeros(nbx, np.float64)
+    rowsum = np.zeros(pw, np.float64)
     inv = 1.0 / (f * f)
     for by in range(nby):
-        acc[:] = 0.0
+        rowsum[:] = 0.0
         for k in range(f):
             y = by * f + k - py0
             if y < 0:
                 y = -y - 1
             elif y >= h:
                 y = 2 * h - y - 1
-            for bx in range(nbx):
-                s = 0.0
-                for j in range(f):
-                    x = bx * f + j - px0
-                    if x < 0:
-                        x = -x - 1
-                    elif x >= w:
-                        x = 2 * w - x - 1
-                    s += img[y, x]
-                acc[bx] += s
+            if px0 == 0 and pw <= w:
+                for xx in range(pw):
+                    rowsum[xx] += img[y, xx]
+            else:
+                for xx in range(pw):
+                    rowsum[xx] += img[y, xmap[xx]]
+        for bx in range(nbx):
+            s = 0.0
+            for j in range(bx * f, bx * f + f):
+                s += rowsum[j]
+            acc[bx] = s
         for bx in range(nbx):
             out[by, bx] = acc[bx] * inv
 
@@ -128,6 +139,7 @@ def _subtract_upsampled(img, bg, f, py0, px0, out):  # pragma: no cover - numba
     row0 = np.empty(w, np.float32)
     row1 = np.empty(w, np.float32)
     one = np.float32(1.0)
+    last = -1
     for y in range(h):
         fy = (y + py0 + 0.5) / f - 0.5
         sy = int(np.floor(fy))
@@ -136,12 +148,14 @@ def _subtract_upsampled(img, bg, f, py0, px0, out):  # pragma: no cover - numba
             sy, b = 0, 0.0
         if sy >= nby - 1:
             sy, b = nby - 1, 0.0
-        sy1 = min(sy + 1, nby - 1)
+        if sy != last:  # horizontal interpolation of the two grid rows, once per grid row
+            sy1 = min(sy + 1, nby - 1)
+            for x in range(w):
+                a = wx[x]
+                row0[x] = (one - a) * bg[sy, x0[x]] + a * bg[sy, x1[x]]
+                row1[x] = (one - a) * bg[sy1, x0[x]] + a * bg[sy1, x1[x]]
+            last = sy
         wy = np.float32(b)
-        for x in range(w):
-            a = wx[x]
-            row0[x] = (one - a) * bg[sy, x0[x]] + a * bg[sy, x1[x]]
-            row1[x] = (one - a) * bg[sy1, x0[x]] + a * bg[sy1, x1[x]]
         for x in range(w):
             v = img[y, x] - ((one - wy) * row0[x] + wy * row1[x])
             out[y, x] = v if v > 0 else np.float32(0.0)
@@ -291,20 +305,60 @@ def _assign(comp: np.ndarray, ncomp: int, seeds: np.ndarray, groups: np.ndarray)
     noseed = n_in_comp == 0
     noseed[0] = False
     comp_label[noseed] = ngroups + 1 + np.arange(int(noseed.sum()))
-    flat = comp.ravel()
-    idx = np.flatnonzero(flat)
-    c = flat[idx]
-    lab_px = comp_label[c]
-    multi = n_in_comp[c] > 1
-    if multi.any():
-        mi = idx[multi]
-        mc = c[multi]
+    order = np.argsort(seed_comp, kind="stable")
+    sc_sorted = seed_comp[order]
+    comps = np.arange(ncomp)
+    cstart = np.searchsorted(sc_sorted, comps, side="left").astype(np.int64)
+    ccnt = np.searchsorted(sc_sorted, comps, side="right").astype(np.int64) - cstart
+    out = np.zeros((h, w), np.int32)
+    deferred = _assign_pixels(comp, comp_label.astype(np.int32), n_in_comp.astype(np.int64),
+                              cstart, ccnt, order.astype(np.int64),
+                              np.ascontiguousarray(seeds[:, 0], np.int64),
+                              np.ascontiguousarray(seeds[:, 1], np.int64),
+                              groups.astype(np.int64), 16, out)
+    if deferred:  # components with many seeds: k-d tree of their own seeds
+        mi = np.flatnonzero(out.ravel() == -1)
+        mc = comp.ravel()[mi].astype(np.int64)
         ys, xs = np.divmod(mi, w)
-        lab_px[multi] = _nearest_seed_group(ys, xs, mc, seeds, seed_comp, groups,
-                                            any_group)
-    out = np.zeros(h * w, np.int32)
-    out[idx] = lab_px
-    return out.reshape(h, w)
+        out.ravel()[mi] = _nearest_seed_group(ys, xs, mc, seeds, seed_comp, groups,
+                                              any_group, max_direct=0)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _assign_pixels(comp, comp_label, n_in_comp, cstart, ccnt, order, sy, sx, groups,
+                   max_direct, out):  # pragma: no cover - numba
+    """Label of each foreground pixel: its component's label, or for components holding
+    several groups the group of the nearest seed (first in ``order`` on ties) when the
+    component has at most ``max_direct`` seeds; -1 (deferred) otherwise."""
+    h, w = comp.shape
+    deferred = 0
+    big = np.iinfo(np.int64).max
+    for y in range(h):
+        for x in range(w):
+            c = comp[y, x]
+            if c == 0:
+                continue
+            if n_in_comp[c] > 1:
+                k = ccnt[c]
+                if k <= max_direct:
+                    best = big
+                    pick = 0
+                    for j in range(cstart[c], cstart[c] + k):
+                        q = order[j]
+                        dy = y - sy[q]
+                        dx = x - sx[q]
+                        d = dy * dy + dx * dx
+                        if d < best:
+                            best = d
+                            pick = q
+                    out[y, x] = groups[pick] + 1
+                else:
+                    out[y, x] = -1
+                    deferred += 1
+            else:
+                out[y, x] = comp_label[c]
+    return deferred
 
 
 def _nearest_seed_group(ys, xs, pc, seeds, seed_comp, groups, any_group, max_direct=16):
@@ -657,6 +711,89 @@ def _other_groups(group, boxes, b, out):  # pragma: no cover - numba
                     break
             if out[i]:
                 break
+
+
+@njit(cache=True, nogil=True)
+def _fill_atlas(det, weight, use_weight, mask, use_mask, group, block, boxes, at, threshold,
+                a_fg, a_det, a_w, a_crop):  # pragma: no cover - numba
+    w = det.shape[1]
+    xb = np.empty(w, np.int64)
+    for x in range(w):
+        xb[x] = x // block
+    for i in range(boxes.shape[0]):
+        y0, y1, x0, x1, gid = boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3], boxes[i, 4]
+        oy, ox = at[i, 0] - y0, at[i, 1] - x0
+        for y in range(y0, y1):
+            grow = group[y // block]
+            ya = y + oy
+            for x in range(x0, x1):
+                a_det[ya, x + ox] = det[y, x]
+            if use_weight:
+                for x in range(x0, x1):
+                    a_w[ya, x + ox] = weight[y, x]
+            a_crop[ya, x0 + ox:x1 + ox] = i + 1
+            for x in range(x0, x1):
+                if det[y, x] > threshold and grow[xb[x]] == gid and (
+                        not use_mask or mask[y, x] != 0):
+                    a_fg[ya, x + ox] = 1
+
+
+def fill_atlas(det: np.ndarray, weight: np.ndarray | None, mask: np.ndarray | None,
+               regions: Regions, boxes: np.ndarray, at: np.ndarray, threshold: float,
+               shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
+                                                np.ndarray]:
+    """Copy the rectangles ``boxes`` (rows of ``regions.boxes``) of ``det`` (and ``weight``)
+    to their atlas positions ``at``; foreground = ``det > threshold`` in the mask and in the
+    rectangle's own group. Returns foreground (uint8), det, weight and the box index + 1 of
+    every atlas pixel (0 = gap)."""
+    a_fg = np.zeros(shape, np.uint8)
+    a_det = np.zeros(shape, np.float32)
+    a_w = np.zeros(shape if weight is not None else (1, 1), np.float32)
+    a_crop = np.zeros(shape, np.int32)
+    _fill_atlas(det, weight if weight is not None else a_w, weight is not None,
+                mask.view(np.uint8) if mask is not None else a_fg, mask is not None,
+                regions.group, int(regions.block), np.ascontiguousarray(boxes, np.int64),
+                np.ascontiguousarray(at, np.int64), np.float32(threshold), a_fg, a_det, a_w,
+                a_crop)
+    return a_fg, a_det, (a_w if weight is not None else None), a_crop
+
+
+@njit(cache=True, nogil=True)
+def _piece_sums(lab, pix, dab, hema, hmax, dabc, use_c, t1, width, n, out, mx):
+    # pragma: no cover - numba
+    for k in range(len(lab)):
+        i = lab[k]
+        p = pix[k]
+        y = p // width
+        x = p - y * width
+        d = dab.flat[p]
+        out[i, 0] += 1.0
+        out[i, 1] += x
+        out[i, 2] += y
+        out[i, 3] += d
+        out[i, 4] += hema.flat[p]
+        if d >= t1:
+            out[i, 5] += 1.0
+        if use_c:
+            out[i, 6] += dabc.flat[p]
+        if d > mx[i, 0]:
+            mx[i, 0] = d
+        h = hmax.flat[p]
+        if h > mx[i, 1]:
+            mx[i, 1] = h
+
+
+def piece_sums(lab: np.ndarray, pix: np.ndarray, dab: np.ndarray, hema: np.ndarray,
+               hmax: np.ndarray, dabc: np.ndarray | None, t1: float, n: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-label (0..n) count, sum x, sum y, sum DAB, sum hematoxylin, count DAB ≥ t1, sum
+    ``dabc`` (columns of a float64 (n+1, 7) array) and maxima of DAB and ``hmax`` (float32
+    (n+1, 2), starting at 0) over the object pixels ``pix`` (flat image indices)."""
+    out = np.zeros((n + 1, 7), np.float64)
+    mx = np.zeros((n + 1, 2), np.float32)
+    _piece_sums(lab, pix, dab, hema, hmax, dabc if dabc is not None else dab, dabc is not None,
+                np.float32(t1), dab.shape[1], n, out, mx)
+    return out, mx
 
 
 def pack_boxes(heights: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, np.ndarray,

@@ -441,31 +441,8 @@ def _pass_sparse(det: np.ndarray, mask: np.ndarray | None, threshold: float,
     ww = inner[:, 3] - inner[:, 2]
     ay, ax, ashape = _d.pack_boxes(hh, ww)
     at = np.stack([ay, ax], axis=1)
-    ay, ax = ay.tolist(), ax.tolist()
-    a_det = np.zeros(ashape, np.float32)
-    a_ok = np.zeros(ashape, bool)  # pixels of the rectangle's own group inside the mask
-    a_w = None if weight is None else np.zeros(ashape, np.float32)
-    a_crop = np.zeros(ashape, np.int32)
-    mixed = _d.other_groups_near(reg)[~reg.border]
-    for i, (y0, y1, x0, x1, _g) in enumerate(inner.tolist()):
-        sl = (slice(y0, y1), slice(x0, x1))
-        asl = (slice(ay[i], ay[i] + y1 - y0), slice(ax[i], ax[i] + x1 - x0))
-        a_det[asl] = det[sl]
-        if mixed[i]:
-            ok = _d.group_mask(reg, inner[i])
-            if mask is not None:
-                ok &= mask[sl]
-            a_ok[asl] = ok
-        elif mask is not None:
-            a_ok[asl] = mask[sl]
-        else:
-            a_ok[asl] = True
-        if a_w is not None:
-            a_w[asl] = weight[sl]
-        a_crop[asl] = i + 1
-    a_fg = (a_det > t).view(np.uint8)
-    a_fg &= a_ok.view(np.uint8)
-    del a_ok
+    a_fg, a_det, a_w, a_crop = _d.fill_atlas(det, weight, mask, reg, inner, at, threshold,
+                                             ashape)
     lab = _chain(a_fg, a_det, a_w, **chain)
     del a_fg, a_w, a_det
     pieces.append(_objects_of(lab, inner[:, :4], at, a_crop, w))
@@ -475,30 +452,17 @@ def _pass_sparse(det: np.ndarray, mask: np.ndarray | None, threshold: float,
 def _piece_stats(piece: _Piece, values: dict[str, np.ndarray], t1: np.float32
                  ) -> dict[str, np.ndarray]:
     """Per-object statistics of one piece (objects in label order, image coordinates)."""
-    lab, pix = piece.lab, piece.pix
-    n = int(lab.max())
-    count = np.bincount(lab, minlength=n + 1)
-    ids = np.flatnonzero(count)
+    n = int(piece.lab.max())
+    sums, mx = _d.piece_sums(piece.lab, piece.pix, values["dab"], values["hema"],
+                             values["hmax"], values.get("dabc"), t1, n)
+    ids = np.flatnonzero(sums[:, 0])
     ids = ids[ids > 0]
-    width = values["dab"].shape[1]
-    ys, xs = np.divmod(pix, width)
-    out = {"label": ids, "count": count[ids].astype(np.float64),
-           "sum_x": np.bincount(lab, weights=xs, minlength=n + 1)[ids],
-           "sum_y": np.bincount(lab, weights=ys, minlength=n + 1)[ids]}
-    dab = values["dab"].ravel()[pix]
-    out["sum_dab"] = np.bincount(lab, weights=dab, minlength=n + 1)[ids]
-    out["sum_hema"] = np.bincount(lab, weights=values["hema"].ravel()[pix],
-                                  minlength=n + 1)[ids]
-    out["sum_dabpos"] = np.bincount(lab, weights=dab >= t1, minlength=n + 1)[ids]
-    if "dabc" in values:
-        out["sum_dabc"] = np.bincount(lab, weights=values["dabc"].ravel()[pix],
-                                      minlength=n + 1)[ids]
-    dmax = np.zeros(n + 1, np.float32)
-    np.maximum.at(dmax, lab, dab)
-    out["dmax"] = dmax[ids]
-    hmax = np.zeros(n + 1, np.float32)
-    np.maximum.at(hmax, lab, values["hmax"].ravel()[pix])
-    out["hmax"] = hmax[ids]
+    out = {"label": ids}
+    for j, k in enumerate(("count", "sum_x", "sum_y", "sum_dab", "sum_hema", "sum_dabpos",
+                           "sum_dabc")):
+        out[k] = sums[ids, j]
+    out["dmax"] = mx[ids, 0]
+    out["hmax"] = mx[ids, 1]
     return out
 
 
