@@ -787,7 +787,7 @@ def watershed(
     mk = _as_2d("markers", markers)
     if isinstance(connectivity, bool) or connectivity not in (1, 2):
         raise InputError(f"`connectivity` must be 1 (4-neighbours) or 2 (8-neighbours), got {connectivity!r}")
-    if method not in ("auto", "fast", "exact", "heap"):
+    if method not in ("auto", "fast", "exact", "heap") or not isinstance(method, str):
         raise InputError(f"`method` must be 'auto', 'fast' or 'exact', got {method!r}")
     if mk.shape != img.shape:
         raise InputError(f"`markers` (shape {mk.shape}) must have the shape of `image` (shape {img.shape})")
@@ -828,7 +828,8 @@ def watershed(
         img32 = np.ascontiguousarray(img, dtype=np.float32)
     elif method != "heap":
         # float64 / wide integers that float32 holds exactly take the fast packed path too
-        cand = img.astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            cand = img.astype(np.float32)
         if np.array_equal(cand, img):
             img32 = cand
     if img32 is not None and method != "heap":
