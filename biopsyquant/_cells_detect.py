@@ -29,7 +29,7 @@ __all__ = ["gaussian", "background_subtract", "foreground", "split_objects", "re
            "trim_to_half_max",
            "expand_labels",
            "object_stats", "nearest_label_at", "candidate_blocks", "Regions", "plan_regions",
-           "group_mask", "other_groups_near", "pack_boxes", "fill_atlas", "piece_sums"]
+           "group_mask", "other_groups_near", "pack_boxes", "fill_atlas", "piece_sums", "object_pixels"]
 
 
 def gaussian(img: np.ndarray, sigma_px: float) -> np.ndarray:
@@ -509,24 +509,74 @@ def trim_to_half_max(labels: np.ndarray, det: np.ndarray, fraction: float,
     """
     if fraction <= 0:
         return labels
-    flat = labels.ravel()
-    idx = np.flatnonzero(flat)
-    if len(idx) == 0:
+    n = int(labels.max()) if labels.size else 0
+    if n == 0:
         return labels
-    lab = flat[idx]
-    vals = det.ravel()[idx]
-    peak = np.zeros(int(lab.max()) + 1, np.float32)
-    np.maximum.at(peak, lab, vals)
+    peak = np.zeros(n + 1, np.float32)
+    _label_max(labels, det, peak)
     level = np.minimum(np.float32(fraction) * peak, np.float32(cap))
-    drop = vals < level[lab]
-    out = labels.copy()
-    out.ravel()[idx[drop]] = 0
-    if max_hole_px > 0 and drop.any():
+    out = np.empty_like(labels)
+    dropped = _drop_below(labels, det, level, out)
+    if max_hole_px > 0 and dropped:
         fg = (out > 0).view(np.uint8)
         filled = fill_holes(fg, max_hole_px)
         back = filled.view(bool) & ~fg.view(bool) & (labels > 0)
         out[back] = labels[back]
     return out
+
+
+@njit(cache=True, nogil=True)
+def _label_max(labels, values, out):  # pragma: no cover - numba
+    h, w = labels.shape
+    for y in range(h):
+        for x in range(w):
+            k = labels[y, x]
+            if k > 0 and values[y, x] > out[k]:
+                out[k] = values[y, x]
+
+
+@njit(cache=True, nogil=True)
+def _drop_below(labels, values, level, out):  # pragma: no cover - numba
+    h, w = labels.shape
+    dropped = False
+    for y in range(h):
+        for x in range(w):
+            k = labels[y, x]
+            if k > 0 and values[y, x] < level[k]:
+                out[y, x] = 0
+                dropped = True
+            else:
+                out[y, x] = k
+    return dropped
+
+
+@njit(cache=True, nogil=True)
+def _object_pixels(labels, crop, use_crop, dy, dx, width, lab, pix):  # pragma: no cover
+    h, w = labels.shape
+    k = 0
+    for y in range(h):
+        for x in range(w):
+            v = labels[y, x]
+            if v != 0:
+                if use_crop:
+                    c = crop[y, x] - 1
+                    pix[k] = (y + dy[c]) * width + x + dx[c]
+                else:
+                    pix[k] = (y + dy[0]) * width + x + dx[0]
+                lab[k] = v
+                k += 1
+
+
+def object_pixels(labels: np.ndarray, crop: np.ndarray | None, dy: np.ndarray,
+                  dx: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(label, flat image index) of every labelled pixel of an atlas (raster order); the
+    pixel of box ``crop - 1`` (box 0 when ``crop`` is None) moves by (``dy``, ``dx``)."""
+    n = int(np.count_nonzero(labels))
+    lab = np.empty(n, np.int32)
+    pix = np.empty(n, np.int64)
+    _object_pixels(labels, crop if crop is not None else labels, crop is not None,
+                   np.asarray(dy, np.int64), np.asarray(dx, np.int64), int(width), lab, pix)
+    return lab, pix
 
 
 def expand_labels(labels: np.ndarray, distance_px: float, mask: np.ndarray | None = None

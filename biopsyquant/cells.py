@@ -397,17 +397,12 @@ class _Piece:
 def _objects_of(labels: np.ndarray, boxes: np.ndarray, at: np.ndarray,
                 crop: np.ndarray | None, width: int) -> _Piece:
     """Object pixels of an atlas label image, mapped back to flat image indices."""
-    flat = labels.ravel()
-    idx = np.flatnonzero(flat)
-    ys, xs = np.divmod(idx, labels.shape[1])
     if crop is None:
-        ys += boxes[0, 0]
-        xs += boxes[0, 2]
+        dy, dx = boxes[:1, 0], boxes[:1, 2]
     else:
-        c = crop.ravel()[idx] - 1
-        ys += (boxes[:, 0] - at[:, 0])[c]
-        xs += (boxes[:, 2] - at[:, 1])[c]
-    return _Piece(flat[idx], ys * width + xs)
+        dy, dx = boxes[:, 0] - at[:, 0], boxes[:, 2] - at[:, 1]
+    lab, pix = _d.object_pixels(labels, crop, dy, dx, width)
+    return _Piece(lab, pix)
 
 
 def _pass_sparse(det: np.ndarray, mask: np.ndarray | None, threshold: float,
