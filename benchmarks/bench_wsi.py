@@ -100,7 +100,9 @@ def job_score(path: str, marker: str, workers: int, out: str, *overrides: str) -
     sec = time.perf_counter() - t0
     run = json.loads((Path(out) / "run.json").read_text())
     prov = run["slides"][0].get("provenance", {})
+    secs = prov.get("seconds", {})
     return {"seconds": sec, "status": r.slides.loc[0, "status"],
+            "tile_s": secs.get("tiles_sum"), "prepare_s": secs.get("prepare"),
             "error": r.slides.loc[0, "error"], "tiles": prov.get("tiling", {}).get("n_tiles"),
             "pixels": int(np.prod(prov.get("shape", [0, 0])))}
 
@@ -109,6 +111,11 @@ def job_score(path: str, marker: str, workers: int, out: str, *overrides: str) -
 
 def _tree_rss(root: int) -> int:
     """Resident bytes of ``root`` and all its descendants (Linux /proc)."""
+    return sum(_tree_rss_by_pid(root).values())
+
+
+def _tree_rss_by_pid(root: int) -> dict[int, int]:
+    """Resident bytes of ``root`` and of each of its descendants (Linux /proc)."""
     parent: dict[int, int] = {}
     rss: dict[int, int] = {}
     page = os.sysconf("SC_PAGE_SIZE")
@@ -123,16 +130,19 @@ def _tree_rss(root: int) -> int:
             rss[int(d)] = int(fields[21]) * page
         except (OSError, ValueError, IndexError):
             continue
-    total, todo = 0, [root]
-    seen = set()
+    out: dict[int, int] = {}
+    todo = [root]
     while todo:
         p = todo.pop()
-        if p in seen:
+        if p in out:
             continue
-        seen.add(p)
-        total += rss.get(p, 0)
+        out[p] = rss.get(p, 0)
         todo.extend(c for c, pp in parent.items() if pp == p)
-    return total
+    return out
+
+
+#: at the last run_child's peak: resident MB of the driver and of its largest children
+PEAK_SPLIT: dict[str, float] = {}
 
 
 def run_child(args: list[str]) -> tuple[dict, int]:
@@ -140,11 +150,18 @@ def run_child(args: list[str]) -> tuple[dict, int]:
                             text=True)
     peak = 0
     stop = threading.Event()
+    PEAK_SPLIT.clear()
 
     def sample() -> None:
         nonlocal peak
         while not stop.is_set():
-            peak = max(peak, _tree_rss(proc.pid))
+            by_pid = _tree_rss_by_pid(proc.pid)
+            total = sum(by_pid.values())
+            if total > peak:
+                peak = total
+                kids = sorted((v for p, v in by_pid.items() if p != proc.pid), reverse=True)
+                PEAK_SPLIT.update(driver=by_pid.get(proc.pid, 0) / 2**20,
+                                  children=[round(v / 2**20) for v in kids])
             stop.wait(0.1)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -196,28 +213,39 @@ def main() -> None:
                 del src
                 print(f"  wrote {path.name} ({path.stat().st_size / 1e6:.0f} MB) in "
                       f"{time.perf_counter() - t0:.0f} s", flush=True)
+            load0 = os.getloadavg()[0]
             dec, dec_rss = run_child(["--_job", "decode", str(path)])
             sco, sco_rss = run_child(["--_job", "score", str(path), marker, str(a.workers),
                                       str(folder / f"out_{marker}"), *a.overrides])
+            split = dict(PEAK_SPLIT)
+            load1 = os.getloadavg()[0]
             row = {"marker": marker, "decode_mpx_s": dec["pixels"] / 1e6 / dec["seconds"],
                    "decode_s": dec["seconds"], "decode_peak_rss_mb": dec_rss / 2**20,
                    "score_mpx_s": mpx / sco["seconds"], "score_s": sco["seconds"],
                    "score_peak_rss_mb": sco_rss / 2**20, "tiles": sco["tiles"],
-                   "status": sco["status"]}
+                   "status": sco["status"], "peak_driver_mb": split.get("driver"),
+                   "peak_children_mb": split.get("children"),
+                   "load_before": load0, "load_after": load1,
+                   "tile_s": sco.get("tile_s"), "prepare_s": sco.get("prepare_s")}
             row["score_vs_decode"] = row["score_mpx_s"] / row["decode_mpx_s"]
             rows.append(row)
             print(f"  {marker}: decode {row['decode_mpx_s']:.1f} Mpx/s ({dec['seconds']:.1f} s), "
                   f"score {row['score_mpx_s']:.2f} Mpx/s ({sco['seconds']:.0f} s, "
                   f"{sco['tiles']} tiles, {sco['status']}), peak RSS "
-                  f"{row['score_peak_rss_mb']:.0f} MB", flush=True)
+                  f"{row['score_peak_rss_mb']:.0f} MB (driver {split.get('driver', 0):.0f}, "
+                  f"children {split.get('children')}); load average {load0:.1f} -> "
+                  f"{load1:.1f}", flush=True)
         print()
         print("| marker | decode only Mpx/s | score Mpx/s | score / decode | score s | "
-              "tiles | peak RSS MB (driver + workers) |")
-        print("|---|---|---|---|---|---|---|")
+              "tiles | peak RSS MB (driver + workers) | at the peak: driver / children MB | "
+              "load average |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
+            kids = " + ".join(str(k) for k in (r["peak_children_mb"] or [])[:3])
             print(f"| {r['marker']} | {r['decode_mpx_s']:.1f} | {r['score_mpx_s']:.2f} | "
                   f"{100 * r['score_vs_decode']:.1f} % | {r['score_s']:.0f} | {r['tiles']} | "
-                  f"{r['score_peak_rss_mb']:.0f} |")
+                  f"{r['score_peak_rss_mb']:.0f} | {r['peak_driver_mb'] or 0:.0f} / {kids} | "
+                  f"{r['load_before']:.1f} -> {r['load_after']:.1f} |")
         print(json.dumps(rows))
 
 

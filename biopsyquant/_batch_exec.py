@@ -28,6 +28,21 @@ def _worker_init() -> None:
         cv2.setNumThreads(1)
     except ImportError:  # pragma: no cover
         pass
+    # import the engine now (threads pinned above): a worker started while another one
+    # prepares a slide is then ready when the slide's tiles arrive
+    import importlib
+
+    for mod in ("biopsyquant.wsi", "biopsyquant.score", "biopsyquant.slide",
+                "biopsyquant.tissue", "biopsyquant.fibers", "biopsyquant.compartments",
+                "biopsyquant.cells", "biopsyquant.mhc", "biopsyquant.pixels"):
+        try:
+            importlib.import_module(mod)
+        except Exception:  # noqa: BLE001 - a task importing it reports the problem
+            pass
+
+
+def _noop() -> None:
+    """Task that only makes the pool start a worker process."""
 
 
 _LIBC: Any = None
@@ -126,6 +141,10 @@ class ProcessRunner:
         self.n_workers = int(n)
         self._pool = ProcessPoolExecutor(max_workers=int(n), mp_context=mp.get_context(method),
                                          initializer=_worker_init)
+        # the pool starts processes on demand; start them all now so that their start-up
+        # (imports) overlaps the first slide's preparation instead of following it
+        for _ in range(int(n)):
+            self._pool.submit(_noop)
         self.description = f"{n} local worker processes ({method})"
 
     def submit(self, fn: Callable, *args: Any, **kwargs: Any):

@@ -398,6 +398,8 @@ class _Driver:
 
         queue = deque(todo)
         futures: dict[Any, tuple[str, _SlideState]] = {}
+        if self.overlays:
+            _preload_overlay_modules()
         max_open = max(2, 2 * getattr(runner, "n_workers", 1))
         open_slides: set[int] = set()
 
@@ -467,6 +469,28 @@ class _Driver:
                     raise
                 except BaseException as exc:  # noqa: BLE001
                     fail(st, exc)
+
+
+def _preload_overlay_modules() -> None:
+    """Import matplotlib and OpenCV for the overlays in a background thread.
+
+    The driver mostly waits while workers measure tiles; importing the plotting modules then
+    (several seconds on a loaded machine) keeps that time off the end of the run.
+    """
+    import threading
+
+    def load() -> None:
+        try:
+            import cv2  # noqa: F401
+            import matplotlib
+            from matplotlib.backends import backend_agg  # noqa: F401
+            from matplotlib.figure import Figure  # noqa: F401
+
+            matplotlib.use("Agg", force=False)
+        except Exception:  # noqa: BLE001 - render_overlay imports (and reports) them again
+            pass
+
+    threading.Thread(target=load, name="biopsyquant-preload", daemon=True).start()
 
 
 def _now() -> str:
