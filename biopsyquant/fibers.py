@@ -35,8 +35,8 @@ import pandas as pd
 from scipy import ndimage as ndi
 from skimage.filters import apply_hysteresis_threshold
 from skimage.measure import perimeter as _sk_perimeter
-from skimage.segmentation import watershed
 
+from ._watershed import watershed
 from .errors import InputError, MppUnknownError
 from .stains import PRESETS, StainModel, estimate_background
 from .stains import _check_rgb as _check_rgb_stains
@@ -285,12 +285,37 @@ def _downsample(img: np.ndarray, factor: float) -> np.ndarray:
     return cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
 
 
+#: statistics of the working image use at most this many pixels (a regular raster sample)
+_STAT_SAMPLE = 1 << 18
+
+
+def _sample(img: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Values of ``img`` (where ``mask``) on a regular sub-grid of at most ~_STAT_SAMPLE px."""
+    step = max(1, int(math.sqrt(img.size / _STAT_SAMPLE)))
+    sub = img[::step, ::step]
+    return sub[mask[::step, ::step]] if mask is not None else sub.ravel()
+
+
+def _median(img: np.ndarray, mask: np.ndarray | None) -> float:
+    v = _sample(img, mask)
+    if v.size == 0:
+        v = img[mask] if mask is not None else img.ravel()
+    return float(np.median(v))
+
+
+def _percentile(img: np.ndarray, q: float) -> float:
+    return float(np.percentile(_sample(img, None), q))
+
+
 def _upsample_labels(lab: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour scaling of a label image to ``shape`` (pixel-centre aligned)."""
     if lab.shape == tuple(shape):
         return lab
     h, w = shape
     sh, sw = lab.shape
+    if h % sh == 0 and w % sw == 0 and h // sh == w // sw:  # integer factor: exact and fast
+        return cv2.resize(lab.astype(np.int32, copy=False), (w, h),
+                          interpolation=cv2.INTER_NEAREST_EXACT)
     ri = np.minimum(((np.arange(h) + 0.5) * (sh / h)).astype(np.intp), sh - 1)
     ci = np.minimum(((np.arange(w) + 0.5) * (sw / w)).astype(np.intp), sw - 1)
     return lab[ri[:, None], ci[None, :]]
@@ -640,16 +665,16 @@ def _segment_working(total: np.ndarray, counter: np.ndarray, hema: np.ndarray,
     cand = tissue & (cs > 0.02)
     if cand.sum() < 16:
         return np.zeros(total.shape, np.int32)
-    level0 = float(np.median(cs[cand]))
+    level0 = _median(cs, cand)
     smooth = cand & (std < 0.5 * params.texture_max * max(level0, 1e-3))
     if smooth.sum() < 64:
         smooth = cand
-    level_c = max(float(np.median(cs[smooth])), 0.02)
-    level_t = max(float(np.median(ts[smooth])), 0.02)
+    level_c = max(_median(cs, smooth), 0.02)
+    level_t = max(_median(ts, smooth), 0.02)
 
     # pale = closer to the brightest parts of the image (glass, or pale interstitium in a
     # field without glass) than to the typical fiber
-    ref_t = min(float(np.percentile(ts, 1.0)), 0.5 * level_t)
+    ref_t = min(_percentile(ts, 1.0), 0.5 * level_t)
     # 1. thin structures darker or paler than their surroundings, in units of each map's
     #    own noise (fiber grain): dark lines on the DAB-free OD and on the hematoxylin OD
     #    (endomysium, nuclei), pale lines on the total OD (cracks, H&E endomysium); inside
@@ -669,7 +694,7 @@ def _segment_working(total: np.ndarray, counter: np.ndarray, hema: np.ndarray,
             t = _gauss(ref - img, sl)
         # grain scales with the stain (DAB-filled fibers are grainier): relative contrast
         rel = t / np.maximum(_gauss(ref, 2 * sl), np.float32(0.5 * level_t))
-        n = max(float(np.median(rel[cand])), 1e-4)
+        n = max(_median(rel, cand), 1e-4)
         if patch is not None and j != 1:
             t[patch] = 0
             rel[patch] = 0
@@ -682,7 +707,7 @@ def _segment_working(total: np.ndarray, counter: np.ndarray, hema: np.ndarray,
     boundary = apply_hysteresis_threshold(line, params.boundary_weak * thr, thr)
     pale = ts < ref_t + params.pale_fraction * (level_t - ref_t)
     if cs is not ts:  # DAB-stained fibers: pale only if also pale in the DAB-free OD
-        ref_c = min(float(np.percentile(cs, 1.0)), 0.5 * level_c)
+        ref_c = min(_percentile(cs, 1.0), 0.5 * level_c)
         pale &= cs < ref_c + params.pale_fraction * (level_c - ref_c)
     core = tissue & ~boundary & ~pale
     if inter_ratio > 0:
