@@ -290,14 +290,14 @@ def grade_cells(mean_od: np.ndarray, positive_fraction: np.ndarray, params: Cell
     return grade, positive
 
 
-def _split_intensity(params: CellParams, det: np.ndarray, hema: np.ndarray, um: float
-                     ) -> np.ndarray | None:
+def _split_intensity(params: CellParams, det: np.ndarray, hema: np.ndarray, um: float,
+                     hema_clipped: np.ndarray | None = None) -> np.ndarray | None:
     """Weight of the distance transform for marker finding (None = shape only)."""
     sigma = 0.25 * params.cell_min_diameter_um * um
     if params.split_by == "shape+intensity":
         return _d.gaussian(det, sigma)
     if params.split_by == "shape+hematoxylin":
-        w = _d.gaussian(_clip0(hema), sigma)
+        w = _d.gaussian(_clip0(hema) if hema_clipped is None else hema_clipped, sigma)
         w += np.float32(params.split_hematoxylin_floor_od)
         return w
     return None
@@ -309,9 +309,10 @@ def _clip0(a: np.ndarray) -> np.ndarray:
 
 
 def _det_map(channel: np.ndarray, *, params: CellParams, um: float,
-             origin: tuple[int, int]) -> np.ndarray:
-    """Detection image: the channel clipped at 0, smoothed and background-subtracted."""
-    det = _clip0(channel)
+             origin: tuple[int, int], clipped: np.ndarray | None = None) -> np.ndarray:
+    """Detection image: the channel clipped at 0, smoothed and background-subtracted
+    (``clipped``: the channel already clipped at 0)."""
+    det = _clip0(channel) if clipped is None else clipped
     det = _d.gaussian(det, params.smoothing_sigma_um * um)
     return _d.background_subtract(det, params.background_radius_um * um, origin)
 
@@ -468,9 +469,12 @@ def _objects_sparse(hema, dab, mask, *, params, um, px_area_um2, split_kwargs, o
     object maxima of DAB and of the smoothed hematoxylin, whether DAB contrast was measured,
     and a function writing the relabelled objects into a full-size label image.
     """
+    # hematoxylin clipped at 0, shared by the hematoxylin weight and the nucleus pass
+    hema_c = _clip0(hema) if params.split_by == "shape+hematoxylin" or \
+        params.detection_channel in ("hematoxylin", "dab+hematoxylin") else None
     hema_weight = None
     if params.split_by == "shape+hematoxylin":
-        hema_weight = _split_intensity(params, hema, hema, um)
+        hema_weight = _split_intensity(params, hema, hema, um, hema_clipped=hema_c)
     hsmooth = _d.gaussian(hema, 1.0 * um)
     kw = dict(params=params, um=um, px_area_um2=px_area_um2, split_kwargs=split_kwargs)
 
@@ -497,7 +501,7 @@ def _objects_sparse(hema, dab, mask, *, params, um, px_area_um2, split_kwargs, o
         if mask is not None:
             free &= mask
         del occ
-        hdet = _det_map(hema, params=params, um=um, origin=origin)
+        hdet = _det_map(hema, params=params, um=um, origin=origin, clipped=hema_c)
         p2 = _pass_sparse(hdet, free, params.detection_threshold_od, weight_for(hdet),
                           trim=False, **kw)
         passes = p1 + p2
@@ -505,7 +509,8 @@ def _objects_sparse(hema, dab, mask, *, params, um, px_area_um2, split_kwargs, o
         det = {"hematoxylin": hema, "dab": dab}.get(channel)
         if det is None:
             det = hema + dab
-        det = _det_map(det, params=params, um=um, origin=origin)
+        det = _det_map(det, params=params, um=um, origin=origin,
+                       clipped=hema_c if channel == "hematoxylin" else None)
         src = {"dab": dab, "hema": hema, "hmax": hsmooth}
         if channel == "dab":
             src["dabc"] = det
