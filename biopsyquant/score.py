@@ -182,7 +182,9 @@ def prepare_stain_model(rgb: np.ndarray, settings: Settings, *, stain_model: Sta
                            background or base.background, "user")
     elif sp.estimate and hasattr(stains, "estimate_stains"):
         model = stains.estimate_stains(rgb, base=sp.preset, tissue_mask=tissue,
-                                       background=background)
+                                       background=background,
+                                       confident_od=sp.confident_od,
+                                       min_confident_pixels=sp.min_confident_pixels)
     else:
         model = base if background is None else base.with_background(background)
     return model

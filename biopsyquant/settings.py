@@ -58,12 +58,21 @@ class StainParams:
         User stain vectors (rows R, G, B OD) overriding the preset; empty = use the preset.
     background : tuple
         User background intensity (R, G, B, 0-255); empty = estimate from glass pixels.
+    confident_od : float
+        Each stain's direction is estimated only from its confidently stained pixels (total
+        OD ≥ this, log10); pale pixels carry camera noise and JPEG colour artefacts
+        (``stains.estimate_stains``).
+    min_confident_pixels : int
+        Fewer confident DAB pixels than this: the DAB vector stays at the preset (hematoxylin
+        is still estimated) and the model's ``source`` says so.
     """
 
     preset: str = "H-DAB"
     estimate: bool = True
     vectors: tuple = ()
     background: tuple = ()
+    confident_od: float = 0.5
+    min_confident_pixels: int = 100
 
 
 @dataclass(frozen=True)
