@@ -426,9 +426,14 @@ def _finish_packed(st, res):
 
 
 @njit(**_JIT)
-def _sort_run_packed(pool, i0, i1):
-    """Stable sort of ``pool[i0:i1]`` (key << 32 | pixel, in age order) by key."""
-    if i1 - i0 <= 48:
+def _sort_run_packed(pool, i0, i1, base, shift, tmp):
+    """Stable sort of ``pool[i0:i1]`` (key << 32 | pixel, in age order) by key.
+
+    All keys lie in ``[base, base + 2**shift)``: long runs get a stable LSD radix sort on
+    the 8-bit digits of ``key - base`` (passes whose digit is constant are skipped).
+    """
+    k = i1 - i0
+    if k <= 48:
         for i in range(i0 + 1, i1):
             x = pool[i]
             xk = x >> 32
@@ -445,10 +450,38 @@ def _sort_run_packed(pool, i0, i1):
             break
     if srt:
         return
-    seg = pool[i0:i1].copy()
-    order = np.argsort(seg >> 32, kind="mergesort")
-    for i in range(i1 - i0):
-        pool[i0 + i] = seg[order[i]]
+    cnt = np.empty(256, np.int64)
+    src_is_pool = True
+    for dshift in range(0, shift, 8):
+        cnt[:] = 0
+        if src_is_pool:
+            for i in range(i0, i1):
+                cnt[(((pool[i] >> 32) - base) >> dshift) & 255] += 1
+        else:
+            for i in range(k):
+                cnt[(((tmp[i] >> 32) - base) >> dshift) & 255] += 1
+        if cnt.max() == k:  # one digit value: nothing to reorder in this pass
+            continue
+        tot = 0
+        for d in range(256):
+            c = cnt[d]
+            cnt[d] = tot
+            tot += c
+        if src_is_pool:
+            for i in range(i0, i1):
+                x = pool[i]
+                d = (((x >> 32) - base) >> dshift) & 255
+                tmp[cnt[d]] = x
+                cnt[d] += 1
+        else:
+            for i in range(k):
+                x = tmp[i]
+                d = (((x >> 32) - base) >> dshift) & 255
+                pool[i0 + cnt[d]] = x
+                cnt[d] += 1
+        src_is_pool = not src_is_pool
+    if not src_is_pool:
+        pool[i0:i1] = tmp[:k]
 
 
 @njit(**_JIT)
@@ -476,6 +509,7 @@ def _flood_packed(st, off, kmin, shift, nb, ahead):
         start[b + 1] += start[b]
     fill = start[:nb].copy()
     pool = np.empty(max(start[nb], 1), np.int64)  # key << 32 | pixel
+    tmp = np.empty(max(start[nb], 1), np.int64)  # radix-sort buffer (pages mapped on use)
 
     for p in range(n):
         s = st[p]
@@ -524,7 +558,7 @@ def _flood_packed(st, off, kmin, shift, nb, ahead):
                 break
             li = start[cb]
             le = fill[cb]
-            _sort_run_packed(pool, li, le)
+            _sort_run_packed(pool, li, le, kmin + (np.int64(cb) << shift), shift, tmp)
             continue
 
         if src == 1:
