@@ -41,7 +41,9 @@ def gaussian(img: np.ndarray, sigma_px: float) -> np.ndarray:
                             borderType=cv2.BORDER_REFLECT)
 
 
-def background_subtract(img: np.ndarray, radius_px: float, origin: tuple[int, int] = (0, 0)
+def background_subtract(img: np.ndarray, radius_px: float, origin: tuple[int, int] = (0, 0),
+                        *, cand: np.ndarray | None = None, cand_threshold: float = 0.0,
+                        cand_mask: np.ndarray | None = None, cand_block: int = 1
                         ) -> np.ndarray:
     """``img`` minus its grey opening with a square of side ``2*radius_px+1`` (clipped at 0).
 
@@ -51,7 +53,21 @@ def background_subtract(img: np.ndarray, radius_px: float, origin: tuple[int, in
     (numba kernels, one pass each), which is several times faster and smoother. The blocks are anchored at multiples of ``f`` in the coordinates
     given by ``origin`` (x, y of the image's top-left pixel), so that tiles of one slide and
     the whole slide get identical backgrounds away from their borders.
+
+    When ``cand`` (uint8, ceil(H/cand_block) x ceil(W/cand_block), zeros) is given, the blocks
+    holding a result pixel > ``cand_threshold`` inside ``cand_mask`` are set to 1 on the way
+    (see :func:`candidate_blocks`).
     """
+    if radius_px <= 0 or int(radius_px // 4) <= 1:
+        out = _background_subtract_plain(img, radius_px, origin)
+        if cand is not None:
+            cand[:] = candidate_blocks(out, cand_threshold, cand_mask, cand_block)
+        return out
+    return _background_subtract_blocks(img, radius_px, origin, cand, cand_threshold, cand_mask,
+                                       cand_block)
+
+
+def _background_subtract_plain(img, radius_px, origin):
     if radius_px <= 0:
         return img
     h, w = img.shape
@@ -68,10 +84,33 @@ def background_subtract(img: np.ndarray, radius_px: float, origin: tuple[int, in
     bg = cv2.morphologyEx(small, cv2.MORPH_OPEN, k, borderType=cv2.BORDER_REFLECT)
     out = np.empty_like(img)
     if f > 1:
-        _subtract_upsampled(img, np.ascontiguousarray(bg, np.float32), f, py0, px0, out)
+        _subtract_upsampled(img, np.ascontiguousarray(bg, np.float32), f, py0, px0, out,
+                            np.float32(0), out.view(np.uint8), False, 1,
+                            np.zeros((1, 1), np.uint8), False)
     else:
         np.subtract(img, bg, out=out)
         np.maximum(out, 0, out=out)
+    return out
+
+
+def _background_subtract_blocks(img, radius_px, origin, cand, cand_threshold, cand_mask,
+                                cand_block):
+    h, w = img.shape
+    f = int(radius_px // 4)
+    img = np.ascontiguousarray(img, dtype=np.float32)
+    px0, py0 = int(origin[0]) % f, int(origin[1]) % f
+    small = np.empty((-(-(h + py0) // f), -(-(w + px0) // f)), np.float32)
+    _block_means(img, f, py0, px0, small)
+    r = max(1, int(round(radius_px / f)))
+    k = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * r + 1, 2 * r + 1))
+    bg = cv2.morphologyEx(small, cv2.MORPH_OPEN, k, borderType=cv2.BORDER_REFLECT)
+    out = np.empty_like(img)
+    use_mask = cand_mask is not None
+    _subtract_upsampled(img, np.ascontiguousarray(bg, np.float32), f, py0, px0, out,
+                        np.float32(cand_threshold),
+                        cand_mask.view(np.uint8) if use_mask else out.view(np.uint8), use_mask,
+                        int(cand_block), cand if cand is not None else np.zeros((1, 1), np.uint8),
+                        cand is not None)
     return out
 
 
@@ -117,9 +156,11 @@ def _block_means(img, f, py0, px0, out):  # pragma: no cover - numba
 
 
 @njit(cache=True, nogil=True)
-def _subtract_upsampled(img, bg, f, py0, px0, out):  # pragma: no cover - numba
+def _subtract_upsampled(img, bg, f, py0, px0, out, threshold, mask, use_mask, block, cand,
+                        do_cand):  # pragma: no cover - numba
     """``max(img - bilinear(bg), 0)`` with ``bg`` on the f x f block grid of
-    :func:`_block_means` (pixel centres as in OpenCV's INTER_LINEAR resize)."""
+    :func:`_block_means` (pixel centres as in OpenCV's INTER_LINEAR resize); optionally flags
+    the ``block`` x ``block`` blocks holding a result > ``threshold`` (inside ``mask``)."""
     h, w = img.shape
     nby, nbx = bg.shape
     x0 = np.empty(w, np.int64)
@@ -159,6 +200,11 @@ def _subtract_upsampled(img, bg, f, py0, px0, out):  # pragma: no cover - numba
         for x in range(w):
             v = img[y, x] - ((one - wy) * row0[x] + wy * row1[x])
             out[y, x] = v if v > 0 else np.float32(0.0)
+        if do_cand:
+            crow = cand[y // block]
+            for x in range(w):
+                if out[y, x] > threshold and (not use_mask or mask[y, x] != 0):
+                    crow[x // block] = 1
 
 
 def foreground(det: np.ndarray, threshold: float, mask: np.ndarray | None) -> np.ndarray:
@@ -772,20 +818,33 @@ def _fill_atlas(det, weight, use_weight, mask, use_mask, group, block, boxes, at
         xb[x] = x // block
     for i in range(boxes.shape[0]):
         y0, y1, x0, x1, gid = boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3], boxes[i, 4]
-        oy, ox = at[i, 0] - y0, at[i, 1] - x0
+        ay0, ax0 = at[i, 0], at[i, 1]
+        n = x1 - x0
         for y in range(y0, y1):
             grow = group[y // block]
-            ya = y + oy
-            for x in range(x0, x1):
-                a_det[ya, x + ox] = det[y, x]
+            drow = det[y]
+            arow = a_det[ay0 + y - y0]
+            frow = a_fg[ay0 + y - y0]
+            crow = a_crop[ay0 + y - y0]
+            for j in range(n):
+                arow[ax0 + j] = drow[x0 + j]
+                crow[ax0 + j] = i + 1
             if use_weight:
-                for x in range(x0, x1):
-                    a_w[ya, x + ox] = weight[y, x]
-            a_crop[ya, x0 + ox:x1 + ox] = i + 1
-            for x in range(x0, x1):
-                if det[y, x] > threshold and grow[xb[x]] == gid and (
-                        not use_mask or mask[y, x] != 0):
-                    a_fg[ya, x + ox] = 1
+                wrow = weight[y]
+                awrow = a_w[ay0 + y - y0]
+                for j in range(n):
+                    awrow[ax0 + j] = wrow[x0 + j]
+            if use_mask:
+                mrow = mask[y]
+                for j in range(n):
+                    x = x0 + j
+                    if drow[x] > threshold and mrow[x] != 0 and grow[xb[x]] == gid:
+                        frow[ax0 + j] = 1
+            else:
+                for j in range(n):
+                    x = x0 + j
+                    if drow[x] > threshold and grow[xb[x]] == gid:
+                        frow[ax0 + j] = 1
 
 
 def fill_atlas(det: np.ndarray, weight: np.ndarray | None, mask: np.ndarray | None,

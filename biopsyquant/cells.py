@@ -309,12 +309,21 @@ def _clip0(a: np.ndarray) -> np.ndarray:
 
 
 def _det_map(channel: np.ndarray, *, params: CellParams, um: float,
-             origin: tuple[int, int], clipped: np.ndarray | None = None) -> np.ndarray:
+             origin: tuple[int, int], clipped: np.ndarray | None = None,
+             cand: np.ndarray | None = None, threshold: float = 0.0,
+             mask: np.ndarray | None = None) -> np.ndarray:
     """Detection image: the channel clipped at 0, smoothed and background-subtracted
-    (``clipped``: the channel already clipped at 0)."""
+    (``clipped``: the channel already clipped at 0; ``cand``: candidate blocks of
+    ``_BLOCK`` px to flag where the result exceeds ``threshold`` inside ``mask``)."""
     det = _clip0(channel) if clipped is None else clipped
     det = _d.gaussian(det, params.smoothing_sigma_um * um)
-    return _d.background_subtract(det, params.background_radius_um * um, origin)
+    return _d.background_subtract(det, params.background_radius_um * um, origin, cand=cand,
+                                  cand_threshold=threshold, cand_mask=mask,
+                                  cand_block=_BLOCK)
+
+
+def _cand_grid(shape: tuple[int, int]) -> np.ndarray:
+    return np.zeros((-(-shape[0] // _BLOCK), -(-shape[1] // _BLOCK)), np.uint8)
 
 
 def _chain(fg: np.ndarray, det: np.ndarray, weight: np.ndarray | None, *, params: CellParams,
@@ -408,10 +417,13 @@ def _objects_of(labels: np.ndarray, boxes: np.ndarray, at: np.ndarray,
 
 def _pass_sparse(det: np.ndarray, mask: np.ndarray | None, threshold: float,
                  weight: np.ndarray | None, *, params: CellParams, um: float,
-                 px_area_um2: float, split_kwargs: dict, trim: bool) -> list[_Piece]:
-    """One detection pass evaluated on the candidate rectangles only (see above)."""
+                 px_area_um2: float, split_kwargs: dict, trim: bool,
+                 cand: np.ndarray | None = None) -> list[_Piece]:
+    """One detection pass evaluated on the candidate rectangles only (see above); ``cand``:
+    the candidate blocks if already known (:func:`_d.candidate_blocks`)."""
     h, w = det.shape
-    cand = _d.candidate_blocks(det, threshold, mask, _BLOCK)
+    if cand is None:
+        cand = _d.candidate_blocks(det, threshold, mask, _BLOCK)
     if not cand.any():
         return []
     reach, margin = _reach(params, um)
@@ -486,10 +498,12 @@ def _objects_sparse(hema, dab, mask, *, params, um, px_area_um2, split_kwargs, o
     channel = params.detection_channel
     passes = []
     if channel == "dab+hematoxylin":
-        dab_det = _det_map(dab, params=params, um=um, origin=origin)
+        cand = _cand_grid(hema.shape)
+        dab_det = _det_map(dab, params=params, um=um, origin=origin, cand=cand,
+                           threshold=params.dab_detection_threshold_od, mask=mask)
         src = {"dab": dab, "hema": hema, "hmax": hsmooth, "dabc": dab_det}
         p1 = _pass_sparse(dab_det, mask, params.dab_detection_threshold_od, weight_for(dab_det),
-                          trim=True, **kw)
+                          trim=True, cand=cand, **kw)
         occ = np.zeros(hema.shape, np.uint8)
         for p in p1:
             occ.ravel()[p.pix] = 1
@@ -501,23 +515,27 @@ def _objects_sparse(hema, dab, mask, *, params, um, px_area_um2, split_kwargs, o
         if mask is not None:
             free &= mask
         del occ
-        hdet = _det_map(hema, params=params, um=um, origin=origin, clipped=hema_c)
+        cand = _cand_grid(hema.shape)
+        hdet = _det_map(hema, params=params, um=um, origin=origin, clipped=hema_c, cand=cand,
+                        threshold=params.detection_threshold_od, mask=free)
         p2 = _pass_sparse(hdet, free, params.detection_threshold_od, weight_for(hdet),
-                          trim=False, **kw)
+                          trim=False, cand=cand, **kw)
         passes = p1 + p2
     else:
         det = {"hematoxylin": hema, "dab": dab}.get(channel)
         if det is None:
             det = hema + dab
+        cand = _cand_grid(hema.shape)
         det = _det_map(det, params=params, um=um, origin=origin,
-                       clipped=hema_c if channel == "hematoxylin" else None)
+                       clipped=hema_c if channel == "hematoxylin" else None, cand=cand,
+                       threshold=params.detection_threshold_od, mask=mask)
         src = {"dab": dab, "hema": hema, "hmax": hsmooth}
         if channel == "dab":
             src["dabc"] = det
         elif params.min_dab_contrast_od > 0:
             src["dabc"] = _det_map(dab, params=params, um=um, origin=origin)
         passes = _pass_sparse(det, mask, params.detection_threshold_od, weight_for(det),
-                              trim=True, **kw)
+                              trim=True, cand=cand, **kw)
     passes = [p for p in passes if len(p.lab)]
     has_c = "dabc" in src
     stats = [_piece_stats(p, src, np.float32(params.dab_threshold_1_od)) for p in passes]
