@@ -56,6 +56,7 @@ published 0–5 grade by % positive fibers (0: none, 1: ≤ 10 %, 2: > 10–25 %
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -226,6 +227,8 @@ _HV = 65536
 _DG = int(round(float(np.float32(1.4)) * 65536))
 _LG = int(round(float(np.float32(2.1969)) * 65536))
 _FAR = 2147483647
+#: far value of the int32 per-fiber buffers (sums with a weight stay below 2**31)
+_FAR32 = 1 << 30
 _SCALE = np.float32(1.0 / 65536)
 #: neighbour offsets of the forward (causal) half of the 5x5 mask, in OpenCV's order; the
 #: backward half is the mirror image
@@ -240,122 +243,230 @@ def _is_outline(labels, i, j, lab, h, w):
 
 
 @njit(**_JIT)
-def _rim_pass(labels, dab, mask, rgb, lut, limit, use_rgb, rim_in, rim_out, ring_w, n_ring, lo,
-              inv_w, nb, ring_hist, int_hist, npx, nana, npale, maxdist, T, L):
-    """One chamfer transform for both sides of every outline, plus the per-fiber statistics.
+def _fiber_boxes(labels, n):
+    """Bounding box (x0, y0, x1, y1 inclusive) of every label 1..n (x1 < x0 when absent)."""
+    h, w = labels.shape
+    x0 = np.full(n + 1, w, np.int64)
+    y0 = np.full(n + 1, h, np.int64)
+    x1 = np.full(n + 1, -1, np.int64)
+    y1 = np.full(n + 1, -1, np.int64)
+    for i in range(h):
+        for j in range(w):
+            lab = labels[i, j]
+            if lab <= 0:
+                continue
+            if j < x0[lab]:
+                x0[lab] = j
+            if j > x1[lab]:
+                x1[lab] = j
+            if i < y0[lab]:
+                y0[lab] = i
+            if i > y1[lab]:
+                y1[lab] = i
+    return x0, y0, x1, y1
 
-    Sources (distance 0) are the fiber outline pixels (a fiber pixel 4-adjacent to another
-    label or to background; the image edge is not an outline). A fiber pixel's value is then
-    its distance to the outline (OpenCV's transform of the label image with outlines and
-    background as zeros) and a background pixel's value its distance to the nearest fiber
-    pixel with that fiber's label propagated along (``distanceTransformWithLabels`` of the
-    background): in the 5x5 chamfer mask a fiber's interior pixel always has an outline pixel
-    of its own fiber as a strictly closer neighbour than any pixel outside it, and a background
-    pixel an outline pixel closer than any fiber interior pixel, so the two transforms do not
-    interact. Ties between neighbours are broken in OpenCV's order, so the nearest-fiber labels
-    are those of OpenCV as well.
 
-    ``T`` (uint32) and ``L`` (int32) are (H + 4, W + 4) work buffers.
+@njit(**_JIT)
+def _fiber_pass(f, labels, x0, y0, x1, y1, margin, dab, mask, rgb, lut, limit, use_rgb, rim_in,
+                rim_out, ring_w, n_ring, lo, inv_w, nb, ring_hist, int_hist, npx, nana, npale,
+                maxdist):
+    """Chamfer transform around fiber ``f`` (its box + ``margin``) and its statistics.
+
+    Sources (distance 0) are the outline pixels of ``f`` (a pixel 4-adjacent to another label
+    or to background; the image edge is not an outline) and every pixel of other fibers. A
+    pixel of ``f`` then gets its distance to the outline (OpenCV's 5x5 DIST_L2 transform of the
+    label image with outlines and background as zeros: other fibers and background are never
+    closer, in the 5x5 mask an outline pixel of ``f`` is always a strictly closer neighbour),
+    and a background pixel its distance to the nearest fiber pixel with that fiber's label
+    carried along, ties broken in OpenCV's neighbour order, so the nearest-fiber labels are
+    those of ``distanceTransformWithLabels``. Labels are only carried up to ``rim_out`` (a
+    label chain only passes through smaller distances). Values up to ``rim_out`` are exact
+    ``margin`` (>= rim_out + 8) from the box edge, where the background pixels within
+    ``rim_out`` of ``f`` lie.
+
+    Each row is done in two steps: the minimum over the five-pixel-wide rows above (below) is
+    taken for the whole row at once (vectorised), then one scan adds the left (right)
+    neighbour and finds the label where needed.
     """
     h, w = labels.shape
-    for i in range(h + 4):
-        for j in range(w + 4):
-            T[i, j] = _FAR
-            L[i, j] = 0
-    # forward pass
-    for i in range(h):
-        ii = i + 2
-        prev = np.int64(_FAR)
-        for j in range(w):
-            jj = j + 2
+    by0 = max(y0[f] - margin, 0)
+    by1 = min(y1[f] + margin + 1, h)
+    bx0 = max(x0[f] - margin, 0)
+    bx1 = min(x1[f] + margin + 1, w)
+    bh = by1 - by0
+    bw = bx1 - bx0
+    far = np.int32(_FAR32)
+    hv = np.int32(_HV)
+    dg = np.int32(_DG)
+    lg = np.int32(_LG)
+    capu = np.int32(min(math.ceil(rim_out * 65536.0) + 1, _FAR32))
+    T = np.full((bh + 4, bw + 4), far, np.int32)
+    L = np.zeros((bh + 4, bw + 4), np.int32)
+    row = np.empty(bw + 4, np.int32)
+    # the fiber's statistics accumulate in locals (two interleaved interior histograms: the
+    # DAB of neighbouring pixels often falls in the same bin)
+    rh = np.zeros((n_ring, nb), np.int64)
+    ih = np.zeros((2, nb), np.int64)
+    n_px = 0
+    n_ana = 0
+    n_pale = 0
+    dmax = np.float32(0.0)
+    for i in range(by0, by1):
+        ii = i - by0 + 2
+        a = T[ii - 2]
+        b = T[ii - 1]
+        c = T[ii]
+        for jj in range(2, bw + 2):
+            t = min(a[jj - 1] + lg, a[jj + 1] + lg)
+            t = min(t, b[jj - 2] + lg)
+            t = min(t, b[jj - 1] + dg)
+            t = min(t, b[jj] + hv)
+            t = min(t, b[jj + 1] + dg)
+            t = min(t, b[jj + 2] + lg)
+            row[jj] = t
+        prev = far
+        for j in range(bx0, bx1):
+            jj = j - bx0 + 2
             lab = labels[i, j]
-            if lab > 0 and _is_outline(labels, i, j, lab, h, w):
-                T[ii, jj] = 0
+            if lab > 0 and (lab != f or _is_outline(labels, i, j, lab, h, w)):
+                c[jj] = 0
                 L[ii, jj] = lab
                 prev = 0
                 continue
-            k = np.int64(_FAR) * 16 + 8
-            k = min(k, (np.int64(T[ii - 2, jj - 1]) + _LG) * 16 + 0)
-            k = min(k, (np.int64(T[ii - 2, jj + 1]) + _LG) * 16 + 1)
-            k = min(k, (np.int64(T[ii - 1, jj - 2]) + _LG) * 16 + 2)
-            k = min(k, (np.int64(T[ii - 1, jj - 1]) + _DG) * 16 + 3)
-            k = min(k, (np.int64(T[ii - 1, jj]) + _HV) * 16 + 4)
-            k = min(k, (np.int64(T[ii - 1, jj + 1]) + _DG) * 16 + 5)
-            k = min(k, (np.int64(T[ii - 1, jj + 2]) + _LG) * 16 + 6)
-            k = min(k, (prev + _HV) * 16 + 7)
-            t0 = k >> 4
-            T[ii, jj] = t0
+            t0 = min(row[jj], prev + hv)
+            if t0 > far:
+                t0 = far
+            c[jj] = t0
             prev = t0
-            if lab > 0:
-                L[ii, jj] = lab
-            else:
-                q = k & 15
-                L[ii, jj] = 0 if q == 8 else L[ii + _FWD_DI[q], jj + _FWD_DJ[q]]
-    # backward pass with the statistics
-    for i in range(h - 1, -1, -1):
-        ii = i + 2
-        prev = np.int64(_FAR)
-        for j in range(w - 1, -1, -1):
-            jj = j + 2
-            t0 = np.int64(T[ii, jj])
+            if lab <= 0 and t0 <= capu:
+                # label of the first neighbour (OpenCV's order) giving the minimum
+                if a[jj - 1] + lg == t0:
+                    L[ii, jj] = L[ii - 2, jj - 1]
+                elif a[jj + 1] + lg == t0:
+                    L[ii, jj] = L[ii - 2, jj + 1]
+                elif b[jj - 2] + lg == t0:
+                    L[ii, jj] = L[ii - 1, jj - 2]
+                elif b[jj - 1] + dg == t0:
+                    L[ii, jj] = L[ii - 1, jj - 1]
+                elif b[jj] + hv == t0:
+                    L[ii, jj] = L[ii - 1, jj]
+                elif b[jj + 1] + dg == t0:
+                    L[ii, jj] = L[ii - 1, jj + 1]
+                elif b[jj + 2] + lg == t0:
+                    L[ii, jj] = L[ii - 1, jj + 2]
+                else:
+                    L[ii, jj] = L[ii, jj - 1]
+    for i in range(by1 - 1, by0 - 1, -1):
+        ii = i - by0 + 2
+        a = T[ii + 2]
+        b = T[ii + 1]
+        c = T[ii]
+        for jj in range(2, bw + 2):
+            t = min(a[jj + 1] + lg, a[jj - 1] + lg)
+            t = min(t, b[jj + 2] + lg)
+            t = min(t, b[jj + 1] + dg)
+            t = min(t, b[jj] + hv)
+            t = min(t, b[jj - 1] + dg)
+            t = min(t, b[jj - 2] + lg)
+            row[jj] = t
+        prev = far
+        for j in range(bx1 - 1, bx0 - 1, -1):
+            jj = j - bx0 + 2
+            t0 = c[jj]
             lab = labels[i, j]
-            if t0 > _HV:
-                k = t0 * 16
-                k = min(k, (np.int64(T[ii + 2, jj + 1]) + _LG) * 16 + 1)
-                k = min(k, (np.int64(T[ii + 2, jj - 1]) + _LG) * 16 + 2)
-                k = min(k, (np.int64(T[ii + 1, jj + 2]) + _LG) * 16 + 3)
-                k = min(k, (np.int64(T[ii + 1, jj + 1]) + _DG) * 16 + 4)
-                k = min(k, (np.int64(T[ii + 1, jj]) + _HV) * 16 + 5)
-                k = min(k, (np.int64(T[ii + 1, jj - 1]) + _DG) * 16 + 6)
-                k = min(k, (np.int64(T[ii + 1, jj - 2]) + _LG) * 16 + 7)
-                k = min(k, (prev + _HV) * 16 + 8)
-                t0 = k >> 4
-                T[ii, jj] = t0
-                q = k & 15
-                if q > 0 and lab <= 0:
-                    L[ii, jj] = L[ii - _FWD_DI[q - 1], jj - _FWD_DJ[q - 1]]
+            if t0 > hv:
+                t1 = min(row[jj], prev + hv)
+                if t1 < t0:
+                    t0 = t1
+                    c[jj] = t0
+                    if lab <= 0 and t0 <= capu:
+                        if a[jj + 1] + lg == t0:
+                            L[ii, jj] = L[ii + 2, jj + 1]
+                        elif a[jj - 1] + lg == t0:
+                            L[ii, jj] = L[ii + 2, jj - 1]
+                        elif b[jj + 2] + lg == t0:
+                            L[ii, jj] = L[ii + 1, jj + 2]
+                        elif b[jj + 1] + dg == t0:
+                            L[ii, jj] = L[ii + 1, jj + 1]
+                        elif b[jj] + hv == t0:
+                            L[ii, jj] = L[ii + 1, jj]
+                        elif b[jj - 1] + dg == t0:
+                            L[ii, jj] = L[ii + 1, jj - 1]
+                        elif b[jj - 2] + lg == t0:
+                            L[ii, jj] = L[ii + 1, jj - 2]
+                        else:
+                            L[ii, jj] = L[ii, jj + 1]
             prev = t0
+            if lab > 0 and lab != f:
+                continue
             d = np.float32(t0) * _SCALE
             if lab <= 0:
-                # outside every fiber: the outer part of the nearest fiber's rim band
-                if not mask[i, j] or d > rim_out:
-                    continue
-                owner = L[ii, jj]
-                if owner <= 0:
+                # background: the outer part of the rim band of its nearest fiber, if f
+                if d > rim_out or not mask[i, j] or L[ii, jj] != f:
                     continue
                 kk = int((d + rim_in) / ring_w)
                 if kk >= n_ring:
                     kk = n_ring - 1
-                b = int((dab[i, j] - lo) * inv_w)
-                if b < 0:
-                    b = 0
-                elif b >= nb:
-                    b = nb - 1
-                ring_hist[owner, kk, b] += 1
+                bb = int((dab[i, j] - lo) * inv_w)
+                if bb < 0:
+                    bb = 0
+                elif bb >= nb:
+                    bb = nb - 1
+                rh[kk, bb] += 1
                 continue
-            npx[lab] += 1
-            if d > maxdist[lab]:
-                maxdist[lab] = d
+            n_px += 1
+            if d > dmax:
+                dmax = d
             if not mask[i, j]:
                 continue
-            nana[lab] += 1
+            n_ana += 1
             if use_rgb:
                 tod = lut[0, rgb[i, j, 0]] + lut[1, rgb[i, j, 1]] + lut[2, rgb[i, j, 2]]
                 if tod < limit:
-                    npale[lab] += 1
-            b = int((dab[i, j] - lo) * inv_w)
-            if b < 0:
-                b = 0
-            elif b >= nb:
-                b = nb - 1
+                    n_pale += 1
+            bb = int((dab[i, j] - lo) * inv_w)
+            if bb < 0:
+                bb = 0
+            elif bb >= nb:
+                bb = nb - 1
             if d < rim_in:
                 # ring index grows outwards: 0 is the deepest ring of the band
                 kk = int((rim_in - d) / ring_w)
                 if kk >= n_ring:
                     kk = n_ring - 1
-                ring_hist[lab, kk, b] += 1
+                rh[kk, bb] += 1
             else:
-                int_hist[lab, b] += 1
+                ih[j & 1, bb] += 1
+    npx[f] = n_px
+    nana[f] = n_ana
+    npale[f] = n_pale
+    maxdist[f] = dmax
+    for bb in range(nb):
+        int_hist[f, bb] = ih[0, bb] + ih[1, bb]
+        for kk in range(n_ring):
+            ring_hist[f, kk, bb] = rh[kk, bb]
+
+
+@njit(parallel=True, **_JIT)
+def _fibers_par(labels, x0, y0, x1, y1, margin, dab, mask, rgb, lut, limit, use_rgb, rim_in,
+                rim_out, ring_w, n_ring, lo, inv_w, nb, ring_hist, int_hist, npx, nana, npale,
+                maxdist):
+    for f in prange(1, x0.shape[0]):
+        if x1[f] >= x0[f]:
+            _fiber_pass(f, labels, x0, y0, x1, y1, margin, dab, mask, rgb, lut, limit, use_rgb,
+                        rim_in, rim_out, ring_w, n_ring, lo, inv_w, nb, ring_hist, int_hist, npx,
+                        nana, npale, maxdist)
+
+
+@njit(**_JIT)
+def _fibers_ser(labels, x0, y0, x1, y1, margin, dab, mask, rgb, lut, limit, use_rgb, rim_in,
+                rim_out, ring_w, n_ring, lo, inv_w, nb, ring_hist, int_hist, npx, nana, npale,
+                maxdist):
+    for f in range(1, x0.shape[0]):
+        if x1[f] >= x0[f]:
+            _fiber_pass(f, labels, x0, y0, x1, y1, margin, dab, mask, rgb, lut, limit, use_rgb,
+                        rim_in, rim_out, ring_w, n_ring, lo, inv_w, nb, ring_hist, int_hist, npx,
+                        nana, npale, maxdist)
 
 
 @njit(**_JIT)
@@ -416,28 +527,8 @@ def _edge_pass(labels, comp, lut, T, minedge):
     return True
 
 
-@njit(parallel=True, **_JIT)
-def _passes_par(labels, dab, mask, rgb, lut, limit, use_rgb, rim_in, rim_out, ring_w, n_ring,
-                lo, inv_w, nb, ring_hist, int_hist, npx, nana, npale, maxdist, T, L, comp,
-                edge_lut, use_edge, T2, minedge, found):
-    # the two transforms are independent: one per thread
-    for task in prange(2):
-        if task == 0:
-            _rim_pass(labels, dab, mask, rgb, lut, limit, use_rgb, rim_in, rim_out, ring_w,
-                      n_ring, lo, inv_w, nb, ring_hist, int_hist, npx, nana, npale, maxdist,
-                      T, L)
-        elif use_edge:
-            found[0] = _edge_pass(labels, comp, edge_lut, T2, minedge)
-
-
-@njit(**_JIT)
-def _passes_ser(labels, dab, mask, rgb, lut, limit, use_rgb, rim_in, rim_out, ring_w, n_ring,
-                lo, inv_w, nb, ring_hist, int_hist, npx, nana, npale, maxdist, T, L, comp,
-                edge_lut, use_edge, T2, minedge, found):
-    _rim_pass(labels, dab, mask, rgb, lut, limit, use_rgb, rim_in, rim_out, ring_w, n_ring, lo,
-              inv_w, nb, ring_hist, int_hist, npx, nana, npale, maxdist, T, L)
-    if use_edge:
-        found[0] = _edge_pass(labels, comp, edge_lut, T2, minedge)
+def _edge_job(out: list, *args) -> None:
+    out.append(_edge_pass(*args))
 
 
 def _hist_quantile(hist: np.ndarray, q: float) -> np.ndarray:
@@ -555,17 +646,24 @@ def score_fibers_mhc(fiber_labels: np.ndarray, dab_od: np.ndarray, *, mpp: float
     npale = np.zeros(n + 1, np.int64)
     maxdist = np.zeros(n + 1, np.float32)
     minedge = np.full(n + 1, np.inf, np.float32)
-    found = np.zeros(1, np.bool_)
-    t1 = np.empty((shape[0] + 4, shape[1] + 4), np.uint32)
-    l1 = np.empty((shape[0] + 4, shape[1] + 4), np.int32)
-    # both chamfer transforms (outline distances with the statistics; fascicle edge) at once,
-    # one per thread
-    _run(_passes_par, _passes_ser, 2 * labels.size, labels, dab, mask, rgb, lut,
-         np.float32(p.lumen_max_total_od), use_rgb, np.float32(rim_in), np.float32(rim_out),
-         np.float32(ring_w), n_ring, np.float32(_H_LO), np.float32(1 / _H_W), _H_N, ring_hist,
-         int_hist, npx, nana, npale, maxdist, t1, l1, comp, edge_lut, use_edge, t2, minedge,
-         found)
-    del t1, l1, t2
+    # the fascicle-edge transform (whole image, serial) runs on its own thread while the
+    # per-fiber transforms run in parallel over fibers
+    edge_box: list = []
+    if use_edge:
+        worker = threading.Thread(target=_edge_job,
+                                  args=(edge_box, labels, comp, edge_lut, t2, minedge))
+        worker.start()
+    try:
+        x0, y0, x1, y1 = _fiber_boxes(labels, n)
+        _run(_fibers_par, _fibers_ser, labels.size, labels, x0, y0, x1, y1,
+             int(math.ceil(rim_out)) + 8, dab, mask, rgb, lut, np.float32(p.lumen_max_total_od),
+             use_rgb, np.float32(rim_in), np.float32(rim_out), np.float32(ring_w), n_ring,
+             np.float32(_H_LO), np.float32(1 / _H_W), _H_N, ring_hist, int_hist, npx, nana,
+             npale, maxdist)
+    finally:
+        if use_edge:
+            worker.join()
+    del t2, edge_box
     ids = np.flatnonzero(npx)
     ids = ids[ids > 0]
     rh, ih = ring_hist[ids], int_hist[ids]
