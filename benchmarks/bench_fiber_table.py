@@ -15,7 +15,8 @@ numba kernels; the old fiber table runs once):
 * ``fascicle_edge_distance_um`` old (``ndi.minimum``, copy in the test file) and new;
 * ``compartment_map`` old (copy in ``tests/test_compartments.py``) and new.
 
-Prints seconds, Mpx/s (input pixels) and fibers/s, checks that old and new agree, and with
+Prints wall and CPU seconds, Mpx/s (input pixels) and fibers/s (with ``--memory`` also the
+peak of traced numpy allocations per input pixel), checks that old and new agree, and with
 ``--write`` writes the table as markdown.
 """
 
@@ -27,6 +28,7 @@ import os
 import platform
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +84,15 @@ def _timed(fn, repeat: int, *, warm: bool = True):
     return min(times), min(cpu), out
 
 
+def _peak_bytes(fn) -> int:
+    """Peak of the numpy (and OpenCV-through-numpy) allocations during one call."""
+    tracemalloc.start()
+    fn()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return peak
+
+
 def _calibration(repeat: int) -> float:
     """Mpx/s of ``cv2.distanceTransform`` on a 4096 x 4096 mask (perf-facts: ~204 on a quiet
     machine of this kind): how loaded the machine was while measuring."""
@@ -102,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="npz file to keep the generated section between runs")
     ap.add_argument("--write", type=Path, default=None, help="markdown file for the results")
     ap.add_argument("--skip-old", action="store_true", help="time only the new functions")
+    ap.add_argument("--memory", action="store_true",
+                    help="also measure the peak of traced allocations (one more run of each)")
     args = ap.parse_args(argv)
 
     import pandas as pd
@@ -123,40 +136,47 @@ def main(argv: list[str] | None = None) -> int:
     print(f"calibration: cv2.distanceTransform {cal0:.0f} Mpx/s (quiet machine: ~204)")
     rows = []
 
-    def record(name, impl, sec, cpu, n_fibers):
+    def record(name, impl, sec, cpu, n_fibers, fn=None):
+        peak = _peak_bytes(fn) / lab.size if (args.memory and fn is not None) else np.nan
         rows.append({"step": name, "implementation": impl, "seconds": sec, "cpu": cpu,
                      "Mpx/s": mpx / sec, "cpu Mpx/s": mpx / cpu,
-                     "fibers/s": n_fibers / sec if n_fibers else np.nan})
+                     "fibers/s": n_fibers / sec if n_fibers else np.nan, "bytes/px": peak})
         print(f"{name:26s} {impl:4s} {sec:7.3f} s wall {cpu:7.3f} s cpu {mpx / sec:7.1f} Mpx/s"
               f" ({mpx / cpu:6.1f} per cpu-s)"
-              + (f" {n_fibers / sec:8.0f} fibers/s" if n_fibers else ""), flush=True)
+              + (f" {n_fibers / sec:8.0f} fibers/s" if n_fibers else "")
+              + (f" peak {peak:.1f} B/px" if args.memory else ""), flush=True)
 
     t_new, c_new, new = _timed(lambda: fiber_properties(lab, **kw), args.repeat)
     nf = len(new)
     print(f"{nf} fibers, {int((new.n_internal_nuclei > 0).sum())} with internal nuclei")
-    record("fiber table", "new", t_new, c_new, nf)
+    record("fiber table", "new", t_new, c_new, nf, lambda: fiber_properties(lab, **kw))
     if not args.skip_old:
         t_old, c_old, old = _timed(lambda: ref_ft._ref_fiber_table(lab, **kw), 1, warm=False)
-        record("fiber table", "old", t_old, c_old, nf)
+        record("fiber table", "old", t_old, c_old, nf,
+               lambda: ref_ft._ref_fiber_table(lab, **kw))
         ref_ft._assert_same(new, old)
         print("fiber table: old and new agree")
 
     t_new, c_new, dn = _timed(lambda: fascicle_edge_distance_um(lab, comp, mpp=args.mpp),
                               args.repeat)
-    record("fascicle_edge_distance_um", "new", t_new, c_new, nf)
+    record("fascicle_edge_distance_um", "new", t_new, c_new, nf,
+           lambda: fascicle_edge_distance_um(lab, comp, mpp=args.mpp))
     if not args.skip_old:
         t_old, c_old, do = _timed(lambda: ref_ft._ref_fascicle_edge_distance_um(lab, comp, mpp=args.mpp),
                            args.repeat)
-        record("fascicle_edge_distance_um", "old", t_old, c_old, nf)
+        record("fascicle_edge_distance_um", "old", t_old, c_old, nf,
+               lambda: ref_ft._ref_fascicle_edge_distance_um(lab, comp, mpp=args.mpp))
         pd.testing.assert_series_equal(dn, do)
 
     ckw = dict(mpp=args.mpp, hema_od=hema)
     t_new, c_new, cn = _timed(lambda: compartment_map(lab, tissue, **ckw), args.repeat)
-    record("compartment_map", "new", t_new, c_new, 0)
+    record("compartment_map", "new", t_new, c_new, 0,
+           lambda: compartment_map(lab, tissue, **ckw))
     if not args.skip_old:
         t_old, c_old, co = _timed(lambda: ref_cm._ref_compartment_map(lab, tissue, **ckw),
                                   args.repeat)
-        record("compartment_map", "old", t_old, c_old, 0)
+        record("compartment_map", "old", t_old, c_old, 0,
+               lambda: ref_cm._ref_compartment_map(lab, tissue, **ckw))
         assert np.array_equal(cn, co)
         print("compartment map: old and new identical")
 
@@ -176,13 +196,15 @@ def main(argv: list[str] | None = None) -> int:
             f"Fastest of {args.repeat} runs after a warm-up (old fiber table: 1 run).",
             "",
             "| step | implementation | wall s | CPU s | Mpx/s (wall) | Mpx per CPU-s | "
-            "fibers/s (wall) |",
-            "|---|---|---:|---:|---:|---:|---:|",
+            "fibers/s (wall) | peak traced allocations (bytes / px) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in df.to_dict("records"):
             fps = "" if np.isnan(r["fibers/s"]) else f"{r['fibers/s']:,.0f}"
+            mem = "" if np.isnan(r["bytes/px"]) else f"{r['bytes/px']:.1f}"
             lines.append(f"| {r['step']} | {r['implementation']} | {r['seconds']:.3f} | "
-                         f"{r['cpu']:.3f} | {r['Mpx/s']:.1f} | {r['cpu Mpx/s']:.1f} | {fps} |")
+                         f"{r['cpu']:.3f} | {r['Mpx/s']:.1f} | {r['cpu Mpx/s']:.1f} | {fps} | "
+                         f"{mem} |")
         args.write.write_text("\n".join(lines) + "\n", encoding="utf-8")
         print(f"wrote {args.write}")
     return 0
