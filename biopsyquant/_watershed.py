@@ -58,7 +58,7 @@ _JIT = {"fastmath": False, "cache": True, "nogil": True}
 MAX_BUCKETS = 1 << 18
 
 #: The packed float32 path cuts the key range into at most 2**BUCKET_BITS buckets.
-BUCKET_BITS = 16
+BUCKET_BITS = 14
 
 
 #: How many pixels ahead of the flood the fast path prefetches (cache lines of 3 rows each).
@@ -656,6 +656,92 @@ def _cross_label_ties_packed(st, off):
     return False
 
 
+@njit(**_JIT)
+def _flood_heap_packed(st, off):
+    """Port of scikit-image's heap on the packed state (float32-exact images).
+
+    Heap keys are ``key << 32 | age``: one int64 comparison is scikit-image's
+    ``(value, age)`` comparison, markers (age 0) of equal value compare equal as there.
+    """
+    n = st.shape[0]
+    nn = off.shape[0]
+    sent_low = np.int64(_SENT) & _LOW
+    hk = np.empty(n, np.int64)
+    hp = np.empty(n, np.int32)
+    hn = 0
+    age = 1
+    for p in range(n):
+        lab = st[p] & _LOW
+        if lab == 0 or lab == sent_low:
+            continue
+        x = (st[p] >> 32) << 32
+        i = hn
+        hn += 1
+        while i > 0:
+            par = (i + 1) // 2 - 1
+            if x < hk[par]:
+                hk[i] = hk[par]
+                hp[i] = hp[par]
+                i = par
+            else:
+                break
+        hk[i] = x
+        hp[i] = p
+
+    while hn > 0:
+        ek = hk[0] >> 32
+        p = hp[0]
+        hn -= 1
+        if hn > 0:
+            # scikit-image moves the last item to the root and sifts it down
+            x = hk[hn]
+            xp = hp[hn]
+            i = 0
+            while True:
+                lc = 2 * i + 1
+                if lc >= hn:
+                    break
+                m = i
+                mk = x
+                if hk[lc] < mk:
+                    m = lc
+                    mk = hk[lc]
+                if lc + 1 < hn and hk[lc + 1] < mk:
+                    m = lc + 1
+                if m == i:
+                    break
+                hk[i] = hk[m]
+                hp[i] = hp[m]
+                i = m
+            hk[i] = x
+            hp[i] = xp
+
+        lab = st[p] & _LOW
+        for k in range(nn):
+            q = p + off[k]
+            s = st[q]
+            if (s & _LOW) != 0:
+                continue
+            age += 1
+            st[q] = s | lab
+            key = s >> 32
+            if key < ek:
+                key = ek
+            x = (key << 32) | age
+            i = hn
+            hn += 1
+            while i > 0:
+                par = (i + 1) // 2 - 1
+                if x < hk[par]:
+                    hk[i] = hk[par]
+                    hp[i] = hp[par]
+                    i = par
+                else:
+                    break
+            hk[i] = x
+            hp[i] = q
+
+
 # --------------------------------------------------------------------------------------------
 # exact port of scikit-image's heap (used when differently labelled markers tie in value)
 # --------------------------------------------------------------------------------------------
@@ -821,7 +907,7 @@ def watershed(
     mk = _as_2d("markers", markers)
     if isinstance(connectivity, bool) or connectivity not in (1, 2):
         raise InputError(f"`connectivity` must be 1 (4-neighbours) or 2 (8-neighbours), got {connectivity!r}")
-    if method not in ("auto", "fast", "exact", "heap") or not isinstance(method, str):
+    if not isinstance(method, str) or method not in ("auto", "fast", "exact"):
         raise InputError(f"`method` must be 'auto', 'fast' or 'exact', got {method!r}")
     if mk.shape != img.shape:
         raise InputError(f"`markers` (shape {mk.shape}) must have the shape of `image` (shape {img.shape})")
@@ -860,13 +946,13 @@ def watershed(
     img32 = None
     if work == np.float32:
         img32 = np.ascontiguousarray(img, dtype=np.float32)
-    elif method != "heap":
+    else:
         # float64 / wide integers that float32 holds exactly take the fast packed path too
         with np.errstate(over="ignore", invalid="ignore"):
             cand = img.astype(np.float32)
         if np.array_equal(cand, img):
             img32 = cand
-    if img32 is not None and method != "heap":
+    if img32 is not None:
         st = np.empty((h + 2, w + 2), np.int64)
         kmin, kmax, status = _prepare_packed(img32.view(np.int32), mk32, mask_arg, use_mask, st)
         _check_status(status)
@@ -877,9 +963,10 @@ def watershed(
             krange = int(kmax - kmin)
             shift = max(0, krange.bit_length() - BUCKET_BITS)
             _flood_packed(fst, off, kmin, shift, (krange >> shift) + 1, PREFETCH_AHEAD)
-            _finish_packed(st, res)
-            return res
-        del st, fst
+        else:
+            _flood_heap_packed(fst, off)
+        _finish_packed(st, res)
+        return res
 
     pim = np.empty((h + 2, w + 2), work)
     pout = np.empty((h + 2, w + 2), np.int32)
@@ -888,7 +975,7 @@ def watershed(
     if hi >= lo:  # something to flood
         fim = pim.reshape(-1)
         fout = pout.reshape(-1)
-        if method == "heap" or (method == "exact" and _cross_label_ties(fim, fout, off)):
+        if method == "exact" and _cross_label_ties(fim, fout, off):
             _flood_heap(fim, fout, off)
         else:
             nb = int(min(MAX_BUCKETS, max(16, img.size // 4)))

@@ -57,9 +57,11 @@ def test_random_float_images_equal_skimage(connectivity, use_mask, dtype):
 def test_integer_images_with_many_ties(connectivity, use_mask):
     """Few grey levels: nearly every flood step is a tie, decided by scikit-image's age rule."""
     rng = np.random.default_rng(connectivity + 5 * use_mask)
-    for trial, dtype in enumerate([np.uint8, np.int16, np.int64, np.uint8, np.int32, np.uint16] * 2):
+    for trial, dtype in enumerate([np.uint8, np.int16, np.int64, np.float64, np.int32, np.uint16] * 2):
         h, w = rng.integers(1, 45, 2)
         img = rng.integers(0, 4, (h, w)).astype(dtype)
+        if dtype == np.float64:
+            img += 0.1  # ties that float32 cannot hold exactly: the float64 code path
         mk = _random_markers(rng, (h, w), int(rng.integers(0, h * w // 4 + 2)), 5)
         mask = rng.random((h, w)) > 0.2 if use_mask else None
         ref = sk_watershed(img, mk, mask=mask, connectivity=connectivity)
