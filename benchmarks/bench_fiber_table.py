@@ -13,7 +13,8 @@ numba kernels; the old fiber table runs once):
 * ``fiber_table`` old: the frozen per-fiber loop kept in ``tests/test_fiber_props.py``;
 * ``fiber_properties`` new (:mod:`biopsyquant._fiber_props`), same arguments;
 * ``fascicle_edge_distance_um`` old (``ndi.minimum``, copy in the test file) and new;
-* ``compartment_map`` old (copy in ``tests/test_compartments.py``) and new.
+* ``compartment_map`` old (copy in ``tests/test_compartments.py``) and new
+(these two pairs run interleaved, old and new alternating, so both see the same load).
 
 Prints wall and CPU seconds, Mpx/s (input pixels) and fibers/s (with ``--memory`` also the
 peak of traced numpy allocations per input pixel), checks that old and new agree, and with
@@ -82,6 +83,20 @@ def _timed(fn, repeat: int, *, warm: bool = True):
         times.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
     return min(times), min(cpu), out
+
+
+def _timed_pair(fn_new, fn_old, repeat: int):
+    """:func:`_timed` for two functions, runs interleaved so both see the same load."""
+    out_new, out_old = fn_new(), fn_old()
+    t_new, c_new, t_old, c_old = [], [], [], []
+    for _ in range(repeat):
+        for fn, tt, cc in ((fn_new, t_new, c_new), (fn_old, t_old, c_old)):
+            c = time.process_time()
+            t = time.perf_counter()
+            fn()
+            tt.append(time.perf_counter() - t)
+            cc.append(time.process_time() - c)
+    return (min(t_new), min(c_new), out_new), (min(t_old), min(c_old), out_old)
 
 
 def _peak_bytes(fn) -> int:
@@ -157,28 +172,34 @@ def main(argv: list[str] | None = None) -> int:
         ref_ft._assert_same(new, old)
         print("fiber table: old and new agree")
 
-    t_new, c_new, dn = _timed(lambda: fascicle_edge_distance_um(lab, comp, mpp=args.mpp),
-                              args.repeat)
-    record("fascicle_edge_distance_um", "new", t_new, c_new, nf,
-           lambda: fascicle_edge_distance_um(lab, comp, mpp=args.mpp))
-    if not args.skip_old:
-        t_old, c_old, do = _timed(lambda: ref_ft._ref_fascicle_edge_distance_um(lab, comp, mpp=args.mpp),
-                           args.repeat)
-        record("fascicle_edge_distance_um", "old", t_old, c_old, nf,
-               lambda: ref_ft._ref_fascicle_edge_distance_um(lab, comp, mpp=args.mpp))
-        pd.testing.assert_series_equal(dn, do)
+    def fasc_new():
+        return fascicle_edge_distance_um(lab, comp, mpp=args.mpp)
+
+    def fasc_old():
+        return ref_ft._ref_fascicle_edge_distance_um(lab, comp, mpp=args.mpp)
 
     ckw = dict(mpp=args.mpp, hema_od=hema)
-    t_new, c_new, cn = _timed(lambda: compartment_map(lab, tissue, **ckw), args.repeat)
-    record("compartment_map", "new", t_new, c_new, 0,
-           lambda: compartment_map(lab, tissue, **ckw))
-    if not args.skip_old:
-        t_old, c_old, co = _timed(lambda: ref_cm._ref_compartment_map(lab, tissue, **ckw),
-                                  args.repeat)
-        record("compartment_map", "old", t_old, c_old, 0,
-               lambda: ref_cm._ref_compartment_map(lab, tissue, **ckw))
-        assert np.array_equal(cn, co)
-        print("compartment map: old and new identical")
+
+    def cmap_new():
+        return compartment_map(lab, tissue, **ckw)
+
+    def cmap_old():
+        return ref_cm._ref_compartment_map(lab, tissue, **ckw)
+
+    for name, fn_new, fn_old, nfib in (("fascicle_edge_distance_um", fasc_new, fasc_old, nf),
+                                        ("compartment_map", cmap_new, cmap_old, 0)):
+        if args.skip_old:
+            t_new, c_new, _ = _timed(fn_new, args.repeat)
+            record(name, "new", t_new, c_new, nfib, fn_new)
+            continue
+        (t_new, c_new, o_new), (t_old, c_old, o_old) = _timed_pair(fn_new, fn_old, args.repeat)
+        record(name, "new", t_new, c_new, nfib, fn_new)
+        record(name, "old", t_old, c_old, nfib, fn_old)
+        if isinstance(o_new, pd.Series):
+            pd.testing.assert_series_equal(o_new, o_old)
+        else:
+            assert np.array_equal(o_new, o_old)
+        print(f"{name}: old and new identical")
 
     cal1 = _calibration(args.repeat)
     print(f"calibration: cv2.distanceTransform {cal1:.0f} Mpx/s (quiet machine: ~204)")
