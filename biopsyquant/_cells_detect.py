@@ -279,8 +279,9 @@ def _merge_groups(seeds: np.ndarray, dist: np.ndarray, comp: np.ndarray, max_sep
     if len(a) == 0:
         return np.arange(n)
     t = np.linspace(0.0, 1.0, 9)[1:-1]
-    ys = np.rint(seeds[a, 0][:, None] * (1 - t) + seeds[b, 0][:, None] * t).astype(np.intp)
-    xs = np.rint(seeds[a, 1][:, None] * (1 - t) + seeds[b, 1][:, None] * t).astype(np.intp)
+    # points along the connection, relative to the first seed (translation-invariant rounding)
+    ys = seeds[a, 0][:, None] + np.rint((seeds[b, 0] - seeds[a, 0])[:, None] * t).astype(np.intp)
+    xs = seeds[a, 1][:, None] + np.rint((seeds[b, 1] - seeds[a, 1])[:, None] * t).astype(np.intp)
     valley = dist[ys, xs].min(axis=1)
     peak = np.minimum(dist[seeds[a, 0], seeds[a, 1]], dist[seeds[b, 0], seeds[b, 1]])
     join = valley >= merge_ratio * peak

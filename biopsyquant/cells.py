@@ -380,6 +380,7 @@ def _empty_table() -> pd.DataFrame:
 # border then plays its usual part).
 
 _BLOCK = 2  # px, resolution of the candidate grid
+_ALIGN = 64  # px, column alignment of rectangles at the image border (see _pass_sparse)
 
 
 def _reach(params: CellParams, um: float) -> tuple[float, int]:
@@ -435,6 +436,13 @@ def _pass_sparse(det: np.ndarray, mask: np.ndarray | None, threshold: float,
     # rectangles clipped by the image border: on their own, as views of the image
     for box in reg.boxes[reg.border]:
         y0, y1, x0, x1 = (int(v) for v in box[:4])
+        # OpenCV's row filters compute the last (width mod vector) columns of a row with other
+        # (scalar) code, which may differ in the last bit: start the rectangle at a multiple
+        # of _ALIGN columns so that these columns are the image's own last columns, or end it
+        # _ALIGN columns after its foreground
+        x0 -= x0 % _ALIGN
+        x1 = w if x1 + _ALIGN >= w else x1 + _ALIGN
+        box = np.array([y0, y1, x0, x1, box[4]], np.int64)
         sl = (slice(y0, y1), slice(x0, x1))
         fg = (det[sl] > t) & _d.group_mask(reg, box)
         if mask is not None:
@@ -448,6 +456,7 @@ def _pass_sparse(det: np.ndarray, mask: np.ndarray | None, threshold: float,
     hh = inner[:, 1] - inner[:, 0]
     ww = inner[:, 3] - inner[:, 2]
     ay, ax, ashape = _d.pack_boxes(hh, ww)
+    ashape = (ashape[0], ashape[1] + _ALIGN)  # zero columns at the right end (see above)
     at = np.stack([ay, ax], axis=1)
     a_fg, a_det, a_w, a_crop = _d.fill_atlas(det, weight, mask, reg, inner, at, threshold,
                                              ashape)

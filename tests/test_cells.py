@@ -297,3 +297,91 @@ def test_summarize_without_pixel_size_and_empty():
     assert np.isnan(s["positive_pct"]) and np.isnan(s["h_score_cells"])
     assert s["allred_score"] == 0 and s["jdm_level"] == 0 and s["clusters_10plus"] == 0
     assert "cluster_id" in empty.columns
+
+
+# ----------------------------------------------------------------------------------------------
+# sparse evaluation (the detection chain only on rectangles around the foreground) must give
+# exactly the cells of the chain run over the whole image
+
+
+def _generated_od(marker, seed, shape, **opts):
+    synthetic = pytest.importorskip("biopsyquant.synthetic")
+    from biopsyquant.score import prepare_stain_model
+    from biopsyquant.stains import deconvolve
+
+    sec = synthetic.generate_section(marker=marker, seed=seed, shape=shape, mpp=0.5,
+                                     vector_jitter_deg=5.0, jpeg_quality=85, **opts)
+    model = prepare_stain_model(sec.rgb, load_settings(marker), tissue=sec.tissue)
+    od = deconvolve(sec.rgb, model)
+    return (np.ascontiguousarray(od[..., model.index("hematoxylin")]),
+            np.ascontiguousarray(od[..., model.index("dab")]), sec.tissue)
+
+
+def _same_cells(a, b, la, lb):
+    assert len(a) == len(b) and len(a) > 0
+    ka = a.sort_values(["y_px", "x_px"]).reset_index(drop=True)
+    kb = b.sort_values(["y_px", "x_px"]).reset_index(drop=True)
+    for col in CELL_COLUMNS:
+        if col == "cell_id":
+            continue
+        np.testing.assert_array_equal(ka[col].to_numpy(), kb[col].to_numpy(), err_msg=col)
+    # the same pixels carry the same objects (labels may be numbered differently)
+    np.testing.assert_array_equal(la > 0, lb > 0)
+    pairs = np.unique(np.stack([la[la > 0], lb[lb > 0]]), axis=1)
+    assert pairs.shape[1] == len(a) == len(np.unique(pairs[0])) == len(np.unique(pairs[1]))
+
+
+@pytest.mark.parametrize(("marker", "opts", "origin"), [
+    ("CD163", dict(cells_per_mm2=400.0, n_clusters=1), (0, 0)),
+    ("CD163", dict(cells_per_mm2=150.0), (37, 1029)),  # background grid anchored elsewhere
+    ("Ki67", {}, (5, 3)),
+])
+def test_sparse_detection_equals_whole_image(marker, opts, origin):
+    hema, dab, tissue = _generated_od(marker, 21, (640, 704), **opts)
+    params = load_settings(marker).cells
+    a, la = detect_cells(hema, dab, mpp=0.5, params=params, mask=tissue, origin=origin)
+    b, lb = detect_cells(hema, dab, mpp=0.5, params=params, mask=tissue, origin=origin,
+                         sparse=False)
+    _same_cells(a, b, la, lb)
+    if marker == "CD163":
+        assert a["positive"].sum() > 5 and (~a["positive"]).sum() > 20
+    # cells touching the image border are found as on the whole image
+    h, w = hema.shape
+    near = (a["x_px"] < 15) | (a["y_px"] < 15) | (a["x_px"] > w - 16) | (a["y_px"] > h - 16)
+    assert near.any()
+
+
+def test_sparse_detection_without_mask_and_without_cells():
+    hema, dab, _ = _generated_od("CD163", 22, (384, 384), cells_per_mm2=300.0)
+    a, la = detect_cells(hema, dab, mpp=0.5, params=CD163)
+    b, lb = detect_cells(hema, dab, mpp=0.5, params=CD163, sparse=False)
+    _same_cells(a, b, la, lb)
+    z = np.zeros((200, 300), np.float32)
+    cells, labels = detect_cells(z, z, mpp=0.5, params=CD163)
+    assert len(cells) == 0 and labels.shape == (200, 300) and not labels.any()
+
+
+def test_background_subtract_matches_opencv_reference():
+    """The numba block-mean / bilinear background equals the OpenCV resize formulation."""
+    import cv2
+
+    from biopsyquant import _cells_detect as _d
+
+    rng = np.random.default_rng(3)
+    img = cv2.GaussianBlur(rng.random((301, 457), dtype=np.float32), (0, 0), 3.0)
+    img += np.linspace(0, 0.5, 457, dtype=np.float32)[None, :]
+    for origin in ((0, 0), (3, 5), (1000, 13)):
+        got = _d.background_subtract(img, 30.0, origin)
+        h, w = img.shape
+        f = 7
+        px0, py0 = origin[0] % f, origin[1] % f
+        pad = cv2.copyMakeBorder(img, py0, (-(h + py0)) % f, px0, (-(w + px0)) % f,
+                                 cv2.BORDER_REFLECT)
+        ph, pw = pad.shape
+        small = cv2.resize(pad, (pw // f, ph // f), interpolation=cv2.INTER_AREA)
+        bg = cv2.morphologyEx(small, cv2.MORPH_OPEN, np.ones((9, 9), np.uint8),
+                              borderType=cv2.BORDER_REFLECT)
+        bg = cv2.resize(bg, (pw, ph), interpolation=cv2.INTER_LINEAR)[py0:py0 + h, px0:px0 + w]
+        ref = np.maximum(img - bg, 0)
+        np.testing.assert_allclose(got, ref, atol=2e-6)
+        assert (got > 0.01).mean() > 0.05  # not trivially zero
