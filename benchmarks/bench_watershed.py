@@ -12,7 +12,7 @@ Two realistic 2048 x 2048 inputs shaped like the two watersheds of the fiber seg
 Prints Mpx/s (image pixels / wall time, single thread; best of ``--repeat`` runs for the
 compiled version, one run for scikit-image), whether the labels are identical, and the peak
 extra resident memory of each implementation (measured in a child process from VmHWM after
-resetting it via /proc/self/clear_refs).
+resetting it via /proc/self/clear_refs after malloc_trim).
 
 Usage: ``python benchmarks/bench_watershed.py [--size 2048] [--repeat 3]``
 """
@@ -68,6 +68,11 @@ def _child(case: str, impl: str, size: int) -> None:
         watershed(inputs[0][:64, :64], inputs[1][:64, :64], mask=inputs[2][:64, :64])  # compile
     else:
         from skimage.segmentation import watershed
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so new allocations show in RSS
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _status("VmRSS")
