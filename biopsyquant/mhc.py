@@ -243,16 +243,11 @@ def _is_outline(labels, i, j, lab, h, w):
 
 
 @njit(**_JIT)
-def _fiber_boxes(labels, n):
-    """Bounding box (x0, y0, x1, y1 inclusive) of every label 1..n (x1 < x0 when absent)."""
-    h, w = labels.shape
-    x0 = np.full(n + 1, w, np.int64)
-    y0 = np.full(n + 1, h, np.int64)
-    x1 = np.full(n + 1, -1, np.int64)
-    y1 = np.full(n + 1, -1, np.int64)
-    for i in range(h):
-        for j in range(w):
-            lab = labels[i, j]
+def _boxes_band(labels, r0, r1, x0, y0, x1, y1):
+    for i in range(r0, r1):
+        row = labels[i]
+        for j in range(row.shape[0]):
+            lab = row[j]
             if lab <= 0:
                 continue
             if j < x0[lab]:
@@ -263,7 +258,26 @@ def _fiber_boxes(labels, n):
                 y0[lab] = i
             if i > y1[lab]:
                 y1[lab] = i
-    return x0, y0, x1, y1
+
+
+@njit(parallel=True, **_JIT)
+def _fiber_boxes(labels, n):
+    """Bounding box (x0, y0, x1, y1 inclusive) of every label 1..n (x1 < x0 when absent)."""
+    h, w = labels.shape
+    nb = 8 if h >= 64 else 1
+    x0 = np.full((nb, n + 1), w, np.int64)
+    y0 = np.full((nb, n + 1), h, np.int64)
+    x1 = np.full((nb, n + 1), -1, np.int64)
+    y1 = np.full((nb, n + 1), -1, np.int64)
+    for k in prange(nb):
+        _boxes_band(labels, k * h // nb, (k + 1) * h // nb, x0[k], y0[k], x1[k], y1[k])
+    for k in range(1, nb):
+        for f in range(n + 1):
+            x0[0, f] = min(x0[0, f], x0[k, f])
+            y0[0, f] = min(y0[0, f], y0[k, f])
+            x1[0, f] = max(x1[0, f], x1[k, f])
+            y1[0, f] = max(y1[0, f], y1[k, f])
+    return x0[0], y0[0], x1[0], y1[0]
 
 
 @njit(**_JIT)
@@ -325,9 +339,10 @@ def _fiber_pass(f, labels, x0, y0, x1, y1, margin, dab, mask, rgb, lut, limit, u
             t = min(t, b[jj + 2] + lg)
             row[jj] = t
         prev = far
+        lrow = labels[i]
         for j in range(bx0, bx1):
             jj = j - bx0 + 2
-            lab = labels[i, j]
+            lab = lrow[j]
             if lab > 0 and (lab != f or _is_outline(labels, i, j, lab, h, w)):
                 c[jj] = 0
                 L[ii, jj] = lab
@@ -370,10 +385,13 @@ def _fiber_pass(f, labels, x0, y0, x1, y1, margin, dab, mask, rgb, lut, limit, u
             t = min(t, b[jj - 2] + lg)
             row[jj] = t
         prev = far
+        lrow = labels[i]
+        mrow = mask[i]
+        drow = dab[i]
         for j in range(bx1 - 1, bx0 - 1, -1):
             jj = j - bx0 + 2
             t0 = c[jj]
-            lab = labels[i, j]
+            lab = lrow[j]
             if t0 > hv:
                 t1 = min(row[jj], prev + hv)
                 if t1 < t0:
@@ -402,12 +420,12 @@ def _fiber_pass(f, labels, x0, y0, x1, y1, margin, dab, mask, rgb, lut, limit, u
             d = np.float32(t0) * _SCALE
             if lab <= 0:
                 # background: the outer part of the rim band of its nearest fiber, if f
-                if d > rim_out or not mask[i, j] or L[ii, jj] != f:
+                if d > rim_out or not mrow[j] or L[ii, jj] != f:
                     continue
                 kk = int((d + rim_in) / ring_w)
                 if kk >= n_ring:
                     kk = n_ring - 1
-                bb = int((dab[i, j] - lo) * inv_w)
+                bb = int((drow[j] - lo) * inv_w)
                 if bb < 0:
                     bb = 0
                 elif bb >= nb:
@@ -417,14 +435,14 @@ def _fiber_pass(f, labels, x0, y0, x1, y1, margin, dab, mask, rgb, lut, limit, u
             n_px += 1
             if d > dmax:
                 dmax = d
-            if not mask[i, j]:
+            if not mrow[j]:
                 continue
             n_ana += 1
             if use_rgb:
                 tod = lut[0, rgb[i, j, 0]] + lut[1, rgb[i, j, 1]] + lut[2, rgb[i, j, 2]]
                 if tod < limit:
                     n_pale += 1
-            bb = int((dab[i, j] - lo) * inv_w)
+            bb = int((drow[j] - lo) * inv_w)
             if bb < 0:
                 bb = 0
             elif bb >= nb:
