@@ -34,7 +34,6 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 from skimage.filters import apply_hysteresis_threshold
-from skimage.measure import perimeter as _sk_perimeter
 
 from ._watershed import watershed
 from .errors import InputError, MppUnknownError
@@ -769,59 +768,6 @@ def _segment_working(total: np.ndarray, counter: np.ndarray, hema: np.ndarray,
 # --------------------------------------------------------------------------- fiber table
 
 
-def _feret(hull: np.ndarray) -> tuple[float, float]:
-    """(min, max) Feret diameter of a convex polygon (N, 2) by rotating calipers."""
-    p = hull.reshape(-1, 2).astype(np.float64)
-    if len(p) < 3:
-        d = float(np.hypot(*(p.max(0) - p.min(0)))) if len(p) else 0.0
-        return d, d
-    e = np.roll(p, -1, axis=0) - p
-    norm = np.hypot(e[:, 0], e[:, 1])
-    ok = norm > 0
-    e, base = e[ok] / norm[ok, None], p[ok]
-    # distance of every vertex to every edge line
-    rel = p[None, :, :] - base[:, None, :]
-    dist = np.abs(rel[..., 0] * e[:, None, 1] - rel[..., 1] * e[:, None, 0])
-    min_f = float(dist.max(axis=1).min())
-    diff = p[:, None, :] - p[None, :, :]
-    max_f = float(np.sqrt((diff**2).sum(-1)).max())
-    return min_f, max_f
-
-
-def _empty_table() -> pd.DataFrame:
-    cols = {
-        "fiber_id": pd.Series(dtype=np.int32),
-        "x_px": pd.Series(dtype=float), "y_px": pd.Series(dtype=float),
-        "x_um": pd.Series(dtype=float), "y_um": pd.Series(dtype=float),
-        "area_px": pd.Series(dtype=np.int64),
-        "area_um2": pd.Series(dtype=float), "min_feret_um": pd.Series(dtype=float),
-        "max_feret_um": pd.Series(dtype=float), "perimeter_um": pd.Series(dtype=float),
-        "eccentricity": pd.Series(dtype=float), "solidity": pd.Series(dtype=float),
-        "touches_edge": pd.Series(dtype=bool), "touches_exclusion": pd.Series(dtype=bool),
-        "n_internal_nuclei": pd.Series(dtype=np.int64),
-        "fascicle_edge_distance_um": pd.Series(dtype=float),
-    }
-    return pd.DataFrame(cols)[list(FIBER_COLUMNS)]
-
-
-def _detect_nuclei(hema_od: np.ndarray, mpp: float, params: FiberParams
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Hematoxylin blobs: centroids x, y (px) and estimated nucleus count per blob."""
-    sigma = 0.7 / mpp
-    h = _gauss(np.ascontiguousarray(hema_od, dtype=np.float32), sigma)
-    m = (h > params.nucleus_min_od).astype(np.uint8)
-    n, _, stats, cents = cv2.connectedComponentsWithStats(m, connectivity=8)
-    if n <= 1:
-        e = np.zeros(0)
-        return e, e, e
-    area_um2 = stats[1:, cv2.CC_STAT_AREA] * mpp * mpp
-    cents = cents[1:]
-    ok = area_um2 >= params.nucleus_min_area_um2
-    count = np.where(area_um2 > params.nucleus_max_area_um2,
-                     np.maximum(1, np.round(area_um2 / params.nucleus_typical_area_um2)), 1)
-    return cents[ok, 0], cents[ok, 1], count[ok]
-
-
 def fiber_table(
     labels: np.ndarray,
     *,
@@ -869,108 +815,7 @@ def fiber_table(
     With no fibers a :class:`UserWarning` is issued and an empty table with these columns
     is returned.
     """
-    params = FiberParams() if params is None else params
-    labels = np.asarray(labels)
-    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
-        raise InputError(f"`labels` must be a 2-D integer label image, got {labels.dtype} "
-                         f"{labels.shape}")
-    shape = labels.shape
-    for name, arr in (("hema_od", hema_od), ("tissue", tissue), ("exclusion", exclusion),
-                      ("compartments", compartments)):
-        if arr is not None and np.shape(arr) != shape:
-            raise InputError(f"`{name}` has shape {np.shape(arr)}, labels have {shape}")
-    if mpp is not None:
-        mpp = float(mpp)
-        if not math.isfinite(mpp) or mpp <= 0:
-            raise InputError(f"mpp must be a positive number of µm per pixel or None, got {mpp}")
-    if labels.max(initial=0) <= 0:
-        warnings.warn("fiber_table: no fibers in the label image; returning an empty table",
-                      UserWarning, stacklevel=2)
-        return _empty_table()
-    labels = labels.astype(np.int32, copy=False)
-    px_um = mpp if mpp is not None else 1.0
-    edge_px = params.edge_distance_um / px_um + 1.0
+    from ._fiber_props import fiber_properties
 
-    near_out = None
-    if tissue is not None:
-        nt = (~np.asarray(tissue, bool)).astype(np.uint8)
-        near_out = cv2.dilate(nt, _disk(edge_px)).astype(bool) if nt.any() else None
-    near_ex = None
-    if exclusion is not None and np.any(exclusion):
-        near_ex = cv2.dilate(np.asarray(exclusion, bool).astype(np.uint8),
-                             _disk(edge_px)).astype(bool)
-
-    # nuclei: centroid -> fiber, depth checked per fiber below
-    nuc_by_fiber: dict[int, list[tuple[float, float, float]]] = {}
-    if hema_od is not None:
-        nx, ny, ncount = _detect_nuclei(hema_od, px_um, params)
-        if len(nx):
-            xi = np.clip(np.round(nx).astype(int), 0, shape[1] - 1)
-            yi = np.clip(np.round(ny).astype(int), 0, shape[0] - 1)
-            owner = labels[yi, xi]
-            for k in np.flatnonzero(owner > 0):
-                nuc_by_fiber.setdefault(int(owner[k]), []).append((nx[k], ny[k], ncount[k]))
-    depth_px = params.internal_nucleus_depth_um / px_um
-
-    rows = []
-    slices = ndi.find_objects(labels)
-    H, W = shape
-    for i, sl in enumerate(slices, start=1):
-        if sl is None:
-            continue
-        y0, x0 = sl[0].start, sl[1].start
-        m = (labels[sl] == i)
-        mu8 = m.astype(np.uint8)
-        mom = cv2.moments(mu8, binaryImage=True)
-        area = mom["m00"]
-        if area <= 0:
-            continue
-        cx, cy = mom["m10"] / area, mom["m01"] / area
-        mu20, mu02, mu11 = mom["mu20"] / area, mom["mu02"] / area, mom["mu11"] / area
-        common = math.sqrt(max((mu20 - mu02) ** 2 + 4 * mu11 * mu11, 0.0))
-        l1, l2 = (mu20 + mu02 + common) / 2, (mu20 + mu02 - common) / 2
-        ecc = math.sqrt(max(1 - l2 / l1, 0.0)) if l1 > 0 else 0.0
-        cnts, _ = cv2.findContours(mu8, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        pts = np.concatenate(cnts).reshape(-1, 2).astype(np.float32)
-        corners = (pts[:, None, :] + np.array([[-.5, -.5], [.5, -.5], [.5, .5], [-.5, .5]],
-                                              np.float32)[None]).reshape(-1, 2)
-        hull = cv2.convexHull(corners)
-        harea = cv2.contourArea(hull)
-        min_f, max_f = _feret(hull)
-        per = float(_sk_perimeter(m, neighborhood=4)) if min(m.shape) > 1 else 2.0 * (
-            m.shape[0] + m.shape[1])
-        touches = (sl[0].start == 0 or sl[1].start == 0 or sl[0].stop == H or sl[1].stop == W)
-        if not touches and near_out is not None:
-            touches = bool(near_out[sl][m].any())
-        t_ex = bool(near_ex[sl][m].any()) if near_ex is not None else False
-        n_int = -1 if hema_od is None else 0
-        if i in nuc_by_fiber:
-            pad = np.pad(mu8, 1)
-            dt = cv2.distanceTransform(pad, cv2.DIST_L2, 5)
-            for nxk, nyk, ck in nuc_by_fiber[i]:
-                xx = int(round(nxk)) - x0 + 1
-                yy = int(round(nyk)) - y0 + 1
-                if dt[yy, xx] > depth_px:
-                    n_int += int(ck)
-        rows.append((i, x0 + cx, y0 + cy, int(area), min_f, max_f, per, ecc,
-                     float(area / harea) if harea > 0 else 1.0, touches, t_ex, n_int))
-    df = pd.DataFrame(rows, columns=["fiber_id", "x_px", "y_px", "area_px", "min_feret_px",
-                                     "max_feret_px", "perimeter_px", "eccentricity",
-                                     "solidity", "touches_edge", "touches_exclusion",
-                                     "n_internal_nuclei"])
-    f = mpp if mpp is not None else float("nan")
-    df["x_um"] = df["x_px"] * f
-    df["y_um"] = df["y_px"] * f
-    df["area_um2"] = df["area_px"] * f * f
-    df["min_feret_um"] = df.pop("min_feret_px") * f
-    df["max_feret_um"] = df.pop("max_feret_px") * f
-    df["perimeter_um"] = df.pop("perimeter_px") * f
-    df["fascicle_edge_distance_um"] = np.nan
-    df["fiber_id"] = df["fiber_id"].astype(np.int32)
-    df["solidity"] = df["solidity"].clip(upper=1.0)
-    if compartments is not None and mpp is not None:
-        from .compartments import fascicle_edge_distance_um
-
-        d = fascicle_edge_distance_um(labels, compartments, mpp=mpp)
-        df["fascicle_edge_distance_um"] = d.reindex(df["fiber_id"]).to_numpy()
-    return df[list(FIBER_COLUMNS)]
+    return fiber_properties(labels, mpp=mpp, hema_od=hema_od, tissue=tissue, exclusion=exclusion,
+                            compartments=compartments, params=params)
