@@ -464,3 +464,14 @@ def test_bad_input():
         fiber_properties(lab, mpp=0.5, hema_od=np.zeros((5, 5)))
     with pytest.raises(InputError, match="mpp"):
         fiber_properties(lab, mpp=-1)
+
+
+def test_fiber_table_delegates_with_the_same_columns(section):
+    """fibers.fiber_table is the public entry point: same column list, same table."""
+    from biopsyquant import fibers
+
+    assert tuple(fibers.FIBER_COLUMNS) == FIBER_COLUMNS
+    s = section
+    kw = dict(mpp=s.mpp, hema_od=s.hema_od, tissue=s.tissue, compartments=s.compartments)
+    pd.testing.assert_frame_equal(fibers.fiber_table(s.fibers, **kw),
+                                  fiber_properties(s.fibers, **kw))
