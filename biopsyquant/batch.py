@@ -151,6 +151,14 @@ def _task_tile(task):
     return result
 
 
+def _tile_work(task) -> float:
+    """Rough cost of a tile task: pixels read times the tissue fraction of its crop."""
+    h, w = task.tile.read_shape
+    crop = task.tissue_crop
+    frac = float(crop.mean()) if crop.size else 0.0
+    return h * w * (0.1 + frac)
+
+
 def score_one(path: str | Path, *, settings: Settings, mpp: float | None = None,
               exclusions=None, name: str | None = None, tile_size: int | None = None):
     """Score one file in this process as the batch does (whole or tiled by size)."""
@@ -455,7 +463,9 @@ class _Driver:
                             tasks = tile_tasks(payload, mpp_override=st.input.mpp)
                             st.n_tiles = len(tasks)
                             self.tick(add_tiles=len(tasks))
-                            for t in tasks:
+                            # largest work first (tissue pixels read), so that the last
+                            # tiles to finish are small ones and no worker idles long at the end
+                            for t in sorted(tasks, key=_tile_work, reverse=True):
                                 futures[runner.submit(_task_tile, t)] = ("tile", st)
                     else:
                         st.tiles.append(value)

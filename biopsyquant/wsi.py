@@ -506,6 +506,60 @@ def _overview_pieces(task: TileTask, labels: dict, fibers: pd.DataFrame) -> dict
     return out
 
 
+#: edge (px) of the patch measured for a tile without tissue (see _empty_tile)
+_EMPTY_PATCH_PX = 64
+
+
+def _skip_empty(task: TileTask, tissue: np.ndarray) -> bool:
+    """True for a tile of a tiled slide with no tissue and no exclusion in its read region."""
+    return not task.whole and not task.exclusions and not tissue.any()
+
+
+def _empty_tile(task: TileTask, slide, t0: float) -> TileResult:
+    """Result of a tile with no tissue in its whole read region (and no exclusions).
+
+    Every analysis works inside the analysed tissue only, so such a tile owns no object and
+    adds zero to every count. A small patch of it is still measured (tissue mask all false)
+    so that the counts carry the analysis' keys and the warnings are those of the full path,
+    without reading, segmenting and scoring millions of glass pixels.
+    """
+    from .score import measure_image
+
+    x0, y0, x1, y1 = task.tile.read
+    ph, pw = min(_EMPTY_PATCH_PX, y1 - y0), min(_EMPTY_PATCH_PX, x1 - x0)
+    try:
+        rgb = slide.read_region(x0, y0, pw, ph, level=0)
+    except SlideError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - decoder errors of every kind
+        raise SlideError(task.path or "slide",
+                         f"cannot read region x={x0} y={y0} {pw}x{ph}: "
+                         f"{type(exc).__name__}: {exc}") from None
+    rgb = np.ascontiguousarray(np.asarray(rgb)[..., :3])
+    warn_list: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _ctx, meas, fibers, base = measure_image(
+            rgb, settings=task.settings, stain_model=StainModel.from_dict(task.stain_model),
+            mpp=task.mpp, tissue=np.zeros((ph, pw), bool), origin=(x0, y0), keep_labels=False)
+    for wmsg in caught:
+        if str(wmsg.message) not in warn_list:
+            warn_list.append(str(wmsg.message))
+    shape = task.tile.read_shape
+    labels = {"fibers": np.zeros(shape, np.int32), "tissue": np.zeros(shape, bool),
+              "excluded": np.zeros(shape, bool)}
+    if "dab_class" in meas.labels:
+        labels["dab_class"] = np.zeros(shape, np.uint8)
+    overview = _overview_pieces(task, labels, fibers.iloc[:0])
+    cells = meas.cells if meas.cells is not None else pd.DataFrame()
+    cells = _shift_coordinates(cells.iloc[:0].reset_index(drop=True), (x0, y0), task.mpp)
+    fibers = _shift_coordinates(fibers.iloc[:0].reset_index(drop=True), (x0, y0), task.mpp)
+    counts = {**base, **meas.counts}
+    return TileResult(index=task.tile.index, cells=cells, fibers=fibers, counts=counts,
+                      overview=overview, warnings=warn_list,
+                      seconds=time.perf_counter() - t0, pixels=0)
+
+
 def measure_tile(task: TileTask, *, slide=None) -> TileResult:
     """Measure one tile: read, score with the slide's model, keep what the core owns.
 
@@ -530,6 +584,14 @@ def measure_tile(task: TileTask, *, slide=None) -> TileResult:
         slide = _open_cached(task.path, task.mpp_override)
     x0, y0, x1, y1 = task.tile.read
     h, w = y1 - y0, x1 - x0
+    sy, sx = task.lowres_scale
+    lh, lw = task.lowres_shape
+    r0, c0 = task.tissue_crop_origin
+    ri = _sample_index(y0, y1, sy, lh) - r0
+    ci = _sample_index(x0, x1, sx, lw) - c0
+    tissue = task.tissue_crop[np.ix_(ri, ci)]
+    if _skip_empty(task, tissue):
+        return _empty_tile(task, slide, t0)
     try:
         rgb = slide.read_region(x0, y0, w, h, level=0)
     except SlideError:
@@ -539,12 +601,6 @@ def measure_tile(task: TileTask, *, slide=None) -> TileResult:
                          f"cannot read region x={x0} y={y0} {w}x{h}: "
                          f"{type(exc).__name__}: {exc}") from None
     rgb = np.ascontiguousarray(np.asarray(rgb)[..., :3])
-    sy, sx = task.lowres_scale
-    lh, lw = task.lowres_shape
-    r0, c0 = task.tissue_crop_origin
-    ri = _sample_index(y0, y1, sy, lh) - r0
-    ci = _sample_index(x0, x1, sx, lw) - c0
-    tissue = task.tissue_crop[np.ix_(ri, ci)]
     model = StainModel.from_dict(task.stain_model)
     cx0, cy0, cx1, cy1 = task.tile.core
     if task.whole:

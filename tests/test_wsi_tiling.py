@@ -112,3 +112,50 @@ def test_small_slide_scores_like_score_image(tmp_path):
             assert b.summary[k] == v, k
     pd_cols = ["x_px", "y_px", "grade"]
     assert np.array_equal(a.cells[pd_cols].to_numpy(), b.cells[pd_cols].to_numpy())
+
+
+@pytest.mark.slow
+def test_tiles_without_tissue_are_skipped_with_identical_results(tmp_path, monkeypatch):
+    """A section on a wide glass margin: tiles whose whole read region is glass are not read
+    or segmented, and the slide's numbers, objects and overview are those of the full path."""
+    from test_batch_files import write_pyramid_jpeg
+
+    from biopsyquant import wsi
+
+    canvas = np.empty((1536, 1536, 3), np.uint8)
+    canvas[...] = section_rgb("CD163", 11, 1536)[:8, :8].reshape(-1, 3).max(axis=0)  # glass
+    canvas[:768, :768] = section_rgb("CD163", 11, 768)
+    path = write_pyramid_jpeg(tmp_path / "margin.tif", canvas, 0.5, tile=256)
+    settings = load_settings("IL-1b", overrides=OVERRIDES)
+
+    def run():
+        seen = []
+
+        def map_tiles(fn, tasks):
+            for t in tasks:
+                r = fn(t, slide=slide)
+                seen.append(r)
+                yield r
+
+        res = score_slide(slide, settings=settings, tiled=True, tile_size=512,
+                          map_tiles=map_tiles)
+        return res, seen
+
+    with open_slide(path) as slide:
+        fast, seen_fast = run()
+        monkeypatch.setattr(wsi, "_skip_empty", lambda task, tissue: False)
+        full, seen_full = run()
+    assert len(seen_fast) == 9
+    skipped = [r.index for r in seen_fast if r.pixels == 0]
+    assert 8 in skipped and 0 not in skipped  # the glass corner, not the section's tile
+    assert all(r.pixels > 0 for r in seen_full)
+    assert fast.summary["positive_area_pct"] > 0.5 and fast.summary["n_fibers"] > 20
+    for k, v in full.summary.items():
+        if isinstance(v, float) and np.isnan(v):
+            assert np.isnan(fast.summary[k]), k
+        else:
+            assert fast.summary[k] == v, k
+    assert fast.provenance["counts"] == full.provenance["counts"]
+    assert fast.cells.equals(full.cells) and fast.fibers.equals(full.fibers)
+    for k, v in full.labels.items():
+        assert np.array_equal(fast.labels[k], v), k
