@@ -68,28 +68,14 @@ def background_subtract(img: np.ndarray, radius_px: float, origin: tuple[int, in
 
 
 def _background_subtract_plain(img, radius_px, origin):
+    """Radius below 8 px: the opening on the full-resolution image (no block grid)."""
     if radius_px <= 0:
         return img
-    h, w = img.shape
-    f = max(1, int(radius_px // 4))
-    img = np.ascontiguousarray(img, dtype=np.float32)
-    if f > 1:
-        px0, py0 = int(origin[0]) % f, int(origin[1]) % f
-        small = np.empty((-(-(h + py0) // f), -(-(w + px0) // f)), np.float32)
-        _block_means(img, f, py0, px0, small)
-        r = max(1, int(round(radius_px / f)))
-    else:
-        small, r = img, max(1, int(round(radius_px)))
+    r = max(1, int(round(radius_px)))
     k = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * r + 1, 2 * r + 1))
-    bg = cv2.morphologyEx(small, cv2.MORPH_OPEN, k, borderType=cv2.BORDER_REFLECT)
-    out = np.empty_like(img)
-    if f > 1:
-        _subtract_upsampled(img, np.ascontiguousarray(bg, np.float32), f, py0, px0, out,
-                            np.float32(0), out.view(np.uint8), False, 1,
-                            np.zeros((1, 1), np.uint8), False)
-    else:
-        np.subtract(img, bg, out=out)
-        np.maximum(out, 0, out=out)
+    bg = cv2.morphologyEx(img, cv2.MORPH_OPEN, k, borderType=cv2.BORDER_REFLECT)
+    out = img - bg
+    np.maximum(out, 0, out=out)
     return out
 
 
