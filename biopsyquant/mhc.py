@@ -57,12 +57,13 @@ from __future__ import annotations
 
 import math
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from numba import njit, prange
+from numba import njit, parallel_chunksize, prange
 
 from .errors import InputError
 from .pixels import _od_lut, _run, _vessels
@@ -673,11 +674,14 @@ def score_fibers_mhc(fiber_labels: np.ndarray, dab_od: np.ndarray, *, mpp: float
         worker.start()
     try:
         x0, y0, x1, y1 = _fiber_boxes(labels, n)
-        _run(_fibers_par, _fibers_ser, labels.size, labels, x0, y0, x1, y1,
-             int(math.ceil(rim_out)) + 8, dab, mask, rgb, lut, np.float32(p.lumen_max_total_od),
-             use_rgb, np.float32(rim_in), np.float32(rim_out), np.float32(ring_w), n_ring,
-             np.float32(_H_LO), np.float32(1 / _H_W), _H_N, ring_hist, int_hist, npx, nana,
-             npale, maxdist)
+        # fibers differ in size and a core may be busy with the edge pass: hand them out to
+        # the threads in small chunks
+        with parallel_chunksize(8):
+            _run(_fibers_par, _fibers_ser, labels.size, labels, x0, y0, x1, y1,
+                 int(math.ceil(rim_out)) + 8, dab, mask, rgb, lut,
+                 np.float32(p.lumen_max_total_od), use_rgb, np.float32(rim_in),
+                 np.float32(rim_out), np.float32(ring_w), n_ring, np.float32(_H_LO),
+                 np.float32(1 / _H_W), _H_N, ring_hist, int_hist, npx, nana, npale, maxdist)
     finally:
         if use_edge:
             worker.join()
@@ -775,11 +779,6 @@ def measure(ctx: ImageContext) -> Measurements:
 
     p = _params(ctx.settings)
     mpp = float(ctx.size_mpp)
-    fib = score_fibers_mhc(ctx.fibers, ctx.dab_od, mpp=mpp, params=p, analysed=ctx.analysed,
-                           rgb=ctx.rgb, background=ctx.stain_model.background,
-                           compartments=ctx.compartments)
-    if not ctx.mpp:  # sizes ran on the assumed pixel size; physical columns are unknown
-        fib["perimysium_distance_um"] = np.nan
     dab = np.ascontiguousarray(np.asarray(ctx.dab_od, np.float32))
     shape = dab.shape
     analysed = np.ascontiguousarray(np.asarray(ctx.analysed, bool))
@@ -793,16 +792,24 @@ def measure(ctx: ImageContext) -> Measurements:
             raise InputError(f"`{name}` has shape {a.shape}, the DAB map has {shape}")
     cap_lut = np.zeros(256, np.bool_)
     cap_lut[np.asarray(p.capillary_codes, np.int64)] = True
-    # capillaries: analysed pixels with a capillary code, the region built on the fly
-    ves = _vessels(dab, region=analysed, mpp=mpp, own=own, comp=comp, codes_lut=cap_lut,
-                   threshold_od=p.capillary_od, min_area_um2=p.capillary_min_area_um2,
-                   max_area_um2=p.capillary_max_area_um2,
-                   max_lumen_um2=p.capillary_max_lumen_um2,
-                   max_elongation=p.capillary_max_elongation,
-                   min_contrast_od=p.capillary_min_contrast_od,
-                   level_step_od=p.capillary_level_step_od, hema_od=hema,
-                   nucleus_od=p.capillary_nucleus_od,
-                   max_nucleus_um2=p.capillary_max_nucleus_um2)
+    # capillaries (analysed pixels with a capillary code, the region built on the fly) on a
+    # second thread while the fibers are measured: its compiled passes release the GIL and
+    # run serially when the fiber pass holds the parallel lock
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        job = pool.submit(
+            _vessels, dab, region=analysed, mpp=mpp, own=own, comp=comp, codes_lut=cap_lut,
+            threshold_od=p.capillary_od, min_area_um2=p.capillary_min_area_um2,
+            max_area_um2=p.capillary_max_area_um2, max_lumen_um2=p.capillary_max_lumen_um2,
+            max_elongation=p.capillary_max_elongation,
+            min_contrast_od=p.capillary_min_contrast_od,
+            level_step_od=p.capillary_level_step_od, hema_od=hema,
+            nucleus_od=p.capillary_nucleus_od, max_nucleus_um2=p.capillary_max_nucleus_um2)
+        fib = score_fibers_mhc(ctx.fibers, dab, mpp=mpp, params=p, analysed=analysed,
+                               rgb=ctx.rgb, background=ctx.stain_model.background,
+                               compartments=comp)
+        ves = job.result()
+    if not ctx.mpp:  # sizes ran on the assumed pixel size; physical columns are unknown
+        fib["perimysium_distance_um"] = np.nan
     counts = {
         "capillary_n": int(len(ves)),
         "capillary_stained_px": int(ves["stained_px"].sum()) if len(ves) else 0,
