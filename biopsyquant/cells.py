@@ -392,6 +392,10 @@ def _reach(params: CellParams, um: float) -> tuple[float, int]:
     # a foreground pixel's markers depend on the smoothed distance transform within
     # r_dist + w_half of it: foreground farther away than that never changes them
     reach = r_dist + w_half + 1
+    # an island inside a fillable hole lies within the hole's inscribed radius of its rim
+    max_hole_px = params.fill_holes_um2 * um * um
+    if max_hole_px > 0:
+        reach = max(reach, int(np.ceil(np.sqrt(max_hole_px / np.pi))) + 2)
     # (distances in the chessboard metric: the Gaussian and the marker window are squares)
     margin = max(int(np.ceil(reach / 2)), r_dist + 1, 2)
     return float(reach), margin
@@ -529,6 +533,18 @@ def _objects_sparse(hema, dab, mask, *, params, um, px_area_um2, split_kwargs, o
                         threshold=params.detection_threshold_od, mask=free)
         p2 = _pass_sparse(hdet, free, params.detection_threshold_od, weight_for(hdet),
                           trim=False, cand=cand, **kw)
+        # hole filling in the nucleus pass may cover a stained object lying in a hole of a
+        # nucleus ring: as on the whole image, the nucleus pass wins those pixels
+        p2 = [q for q in p2 if len(q.lab)]
+        if p2 and p1:
+            occ = np.zeros(hema.shape, np.uint8)
+            for q in p2:
+                occ.ravel()[q.pix] = 1
+            for q in p1:
+                keep = occ.ravel()[q.pix] == 0
+                if not keep.all():
+                    q.lab, q.pix = q.lab[keep], q.pix[keep]
+            del occ
         passes = p1 + p2
     else:
         det = {"hematoxylin": hema, "dab": dab}.get(channel)
