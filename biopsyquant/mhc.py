@@ -794,7 +794,7 @@ def measure(ctx: ImageContext) -> Measurements:
     cap_lut[np.asarray(p.capillary_codes, np.int64)] = True
     # capillaries (analysed pixels with a capillary code, the region built on the fly) on a
     # second thread while the fibers are measured: its compiled passes release the GIL and
-    # run serially when the fiber pass holds the parallel lock
+    # run serially, leaving the parallel kernels (and their lock) to the fiber pass
     with ThreadPoolExecutor(max_workers=1) as pool:
         job = pool.submit(
             _vessels, dab, region=analysed, mpp=mpp, own=own, comp=comp, codes_lut=cap_lut,
@@ -803,7 +803,8 @@ def measure(ctx: ImageContext) -> Measurements:
             max_elongation=p.capillary_max_elongation,
             min_contrast_od=p.capillary_min_contrast_od,
             level_step_od=p.capillary_level_step_od, hema_od=hema,
-            nucleus_od=p.capillary_nucleus_od, max_nucleus_um2=p.capillary_max_nucleus_um2)
+            nucleus_od=p.capillary_nucleus_od, max_nucleus_um2=p.capillary_max_nucleus_um2,
+            parallel=False)
         fib = score_fibers_mhc(ctx.fibers, dab, mpp=mpp, params=p, analysed=analysed,
                                rgb=ctx.rgb, background=ctx.stain_model.background,
                                compartments=comp)

@@ -1009,12 +1009,13 @@ _VESSEL_COLUMNS = ["x_px", "y_px", "area_px", "stained_px", "dab_od_sum", "elong
 def _vessels(dab, *, region, mpp, own=None, comp=None, codes_lut=None, drop=None, seeds=None,
              threshold_od, min_area_um2, max_area_um2, max_lumen_um2, max_elongation,
              min_contrast_od, level_step_od, max_level_od=1.0, hema_od=None, nucleus_od,
-             max_nucleus_um2) -> pd.DataFrame:
+             max_nucleus_um2, parallel: bool | None = None) -> pd.DataFrame:
     """:func:`positive_vessels` on validated contiguous inputs.
 
     The search region is ``region & codes_lut[comp] & ~drop`` (``comp``/``drop`` optional), so
     callers need not build it as an image; ``seeds`` = (mask, block map, band counts) of the
-    first level's object pixels when a fused pass already found them.
+    first level's object pixels when a fused pass already found them; ``parallel=False`` keeps
+    the seed pass on the calling thread (see :func:`biopsyquant._kernels.run`).
 
     Objects are traced as connected components inside the blocks that hold object pixels only,
     and each small component is measured in its own padded bounding box (enclosed lumen filled,
@@ -1042,7 +1043,7 @@ def _vessels(dab, *, region, mpp, own=None, comp=None, codes_lut=None, drop=None
             bmap, nfg = _blocks(shape)
             _run(_seed_par, _seed_ser, dab.size, dab, np.float32(t), region, comp_, lut,
                  use_comp, drop_, use_drop, active if active is not None else _NO_U8,
-                 active is not None, pos, bmap, nfg, _BLOCK)
+                 active is not None, pos, bmap, nfg, _BLOCK, parallel=parallel)
         if not nfg.any():
             break
         lab, n, (area, x0, y0, x1, y1) = _components(pos, bmap, nfg)
