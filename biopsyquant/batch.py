@@ -290,6 +290,7 @@ class _Driver:
         self.run_info = run_info
         self.last_merge = 0.0
         self.merge_cost = 0.0
+        self.merged_state: tuple | None = None
         self.bar_slides = None
         self.bar_tiles = None
 
@@ -357,10 +358,15 @@ class _Driver:
         if self.parquet:
             write_table(self.out / "slides.parquet", df, parquet=True)
         now = time.perf_counter()
-        if final or now - self.last_merge > 10 * self.merge_cost:
+        # what the object tables would hold: rewrite them only when that changed (the last
+        # slide's commit and the final refresh would otherwise write them twice)
+        state = tuple((stem, parts[stem].get("finished")) for stem in stems)
+        if state != self.merged_state and (
+                final or now - self.last_merge > 10 * self.merge_cost):
             for kind in ("cells", "fibers"):
                 merge_object_tables(self.out, stems, kind, lead=OBJECT_LEAD_COLUMNS,
                                     parquet=self.parquet)
+            self.merged_state = state
             self.merge_cost = time.perf_counter() - now
             self.last_merge = time.perf_counter()
         self.run_info["slides"] = slides_info
