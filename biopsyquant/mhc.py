@@ -228,7 +228,7 @@ _HV = 65536
 _DG = int(round(float(np.float32(1.4)) * 65536))
 _LG = int(round(float(np.float32(2.1969)) * 65536))
 _FAR = 2147483647
-#: far value of the int32 per-fiber buffers (sums with a weight stay below 2**31)
+#: far value of the per-fiber buffers (int64: numba adds in 64 bits, no narrowing stores)
 _FAR32 = 1 << 30
 _SCALE = np.float32(1.0 / 65536)
 #: neighbour offsets of the forward (causal) half of the 5x5 mask, in OpenCV's order; the
@@ -310,14 +310,14 @@ def _fiber_pass(f, labels, x0, y0, x1, y1, margin, dab, mask, rgb, lut, limit, u
     bx1 = min(x1[f] + margin + 1, w)
     bh = by1 - by0
     bw = bx1 - bx0
-    far = np.int32(_FAR32)
-    hv = np.int32(_HV)
-    dg = np.int32(_DG)
-    lg = np.int32(_LG)
-    capu = np.int32(min(math.ceil(rim_out * 65536.0) + 1, _FAR32))
-    T = np.full((bh + 4, bw + 4), far, np.int32)
+    far = np.int64(_FAR32)
+    hv = np.int64(_HV)
+    dg = np.int64(_DG)
+    lg = np.int64(_LG)
+    capu = np.int64(min(math.ceil(rim_out * 65536.0) + 1, _FAR32))
+    T = np.full((bh + 4, bw + 4), far, np.int64)
     L = np.zeros((bh + 4, bw + 4), np.int32)
-    row = np.empty(bw + 4, np.int32)
+    row = np.empty(bw + 4, np.int64)
     # the fiber's statistics accumulate in locals (two interleaved interior histograms: the
     # DAB of neighbouring pixels often falls in the same bin)
     rh = np.zeros((n_ring, nb), np.int64)
