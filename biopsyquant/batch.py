@@ -8,7 +8,8 @@
 2. skips it when ``DIR/.parts`` already holds a finished result with the same key (unless
    ``force``);
 3. scores it with :func:`biopsyquant.wsi.score_slide` — in one piece when small, in tiles
-   (spread over the workers) when larger than ``tiling.max_whole_image_px``;
+   (spread over the workers) when larger than ``tiling.max_whole_image_px`` or than the
+   region one tile reads (so no worker ever holds more than a tile's pixels);
 4. commits the slide's rows to ``DIR/.parts`` atomically, draws its QC overlay, and rebuilds
    ``slides.csv``, ``run.json`` (and, at least every few slides, ``cells.csv`` and
    ``fibers.csv``) from the parts.
@@ -125,7 +126,10 @@ def _task_start(path: str, mpp: float | None, settings: Settings, exclusions, na
         warnings.simplefilter("always")
         slide = open_slide(path, mpp=mpp)
     with slide:
-        tiled = needs_tiling(slide.shape, settings)
+        # whole only when the image fits in one tile's read region: a worker never holds
+        # more pixels than a tile, whatever the inputs (memory bound of the batch)
+        tiled = needs_tiling(slide.shape, settings, bound_to_tile=True, mpp=slide.mpp,
+                             tile_size=tile_size)
         plan = prepare_slide(slide, settings=settings, exclusions=exclusions, name=name,
                              tile_size=tile_size, tiled=tiled)
         for w in caught:

@@ -141,9 +141,40 @@ def overlap_px(settings: Settings, mpp: float | None) -> int:
     return px + (px % 2)  # even: see plan_tiles
 
 
-def needs_tiling(shape: tuple[int, int], settings: Settings) -> bool:
-    """True when an image of ``shape`` exceeds ``tiling.max_whole_image_px``."""
-    return int(shape[0]) * int(shape[1]) > int(settings.tiling.max_whole_image_px)
+def needs_tiling(shape: tuple[int, int], settings: Settings, *, bound_to_tile: bool = False,
+                 mpp: float | None = None, tile_size: int | None = None) -> bool:
+    """True when an image of ``shape`` should be scored in tiles.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Level-0 (rows, columns).
+    settings : Settings
+    bound_to_tile : bool
+        Also tile images larger than the region one tile reads, ``(tile_size + 2 * overlap)²``
+        pixels (overlap at ``mpp``): then no task holds more pixels than a tile, and memory per
+        worker is the same for any input (the batch runner uses this; with two workers, two
+        16-Mpx images scored whole at once peaked at 2.3 GB).
+    mpp : float, optional
+        Pixel size for the overlap (default: ``tiling.assumed_mpp_unknown``).
+    tile_size : int, optional
+        Core edge in pixels (default ``tiling.tile_size_px``).
+
+    Returns
+    -------
+    bool
+        True when the image exceeds ``tiling.max_whole_image_px`` (or, with
+        ``bound_to_tile``, one tile's read region).
+    """
+    n = int(shape[0]) * int(shape[1])
+    if n > int(settings.tiling.max_whole_image_px):
+        return True
+    if bound_to_tile:
+        size = int(tile_size or settings.tiling.tile_size_px)
+        size += size % 2
+        edge = size + 2 * overlap_px(settings, mpp)
+        return n > edge * edge
+    return False
 
 
 def _sample_index(start: int, stop: int, scale: float, n: int) -> np.ndarray:

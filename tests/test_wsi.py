@@ -120,3 +120,19 @@ def test_counts_add_scalars_and_arrays():
 
 def test_tile_read_shape():
     assert Tile(0, (0, 0, 10, 5), (0, 0, 12, 9)).read_shape == (9, 12)
+
+
+def test_batch_tiles_images_larger_than_one_tile_read_region():
+    from biopsyquant.settings import load_settings
+    from biopsyquant.wsi import needs_tiling
+
+    s = load_settings("CD163")  # 2048-px cores, 200 µm overlap, whole up to 16 Mpx
+    # at 0.5 µm/px a tile reads (2048 + 2 * 400)² = 2848² px
+    assert not needs_tiling((3000, 3000), s)
+    assert needs_tiling((3000, 3000), s, bound_to_tile=True, mpp=0.5)
+    assert not needs_tiling((2848, 2848), s, bound_to_tile=True, mpp=0.5)
+    assert needs_tiling((2848, 2849), s, bound_to_tile=True, mpp=0.5)
+    # at 0.25 µm/px the overlap is 800 px: the read region is 3648²
+    assert not needs_tiling((3600, 3600), s, bound_to_tile=True, mpp=0.25)
+    assert needs_tiling((3600, 3600), s, bound_to_tile=True, mpp=0.25, tile_size=1024)
+    assert needs_tiling((5000, 5000), s)  # over max_whole_image_px either way
