@@ -7,7 +7,8 @@ memory stays bounded), then for each slide
 * **decode only**: reads all of level 0 in 2048-px regions through ``Slide.read_region``
   (JPEG decoding with 2 threads), and
 * **score**: ``biopsyquant score`` on the slide (``score_folder``) with ``--workers`` local
-  processes, tiled with the preset tiling (2048-px cores, 200 µm overlap),
+  processes, tiled with the preset tiling (2048-px cores, 200 µm overlap; tiles with the most
+  tissue first, tiles without tissue skipped), then tables, QC overlay and run.json,
 
 each in a fresh child process, sampling the resident memory of that process and all its
 descendants (driver + workers) every 0.1 s. Prints one table: Mpx/s, seconds, peak RSS.
@@ -35,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 SOURCE = 2048
+DEFAULT_MARKERS = ["CD163", "MHC-I", "IL-1b"]
 TILE = 512
 MPP = 0.5
 
@@ -177,7 +179,7 @@ def run_child(args: list[str]) -> tuple[dict, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=20000, help="slide edge in pixels")
-    ap.add_argument("--markers", nargs="+", default=["CD163", "MHC-I", "IL-1b"])
+    ap.add_argument("--markers", nargs="+", default=DEFAULT_MARKERS)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--keep", help="folder to keep the generated slides in (default: temp)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
@@ -207,7 +209,9 @@ def main() -> None:
             path = folder / f"bench_{marker}.tif"
             if not path.is_file():
                 t0 = time.perf_counter()
-                src = generate_section(marker=marker, seed=40 + i, shape=(SOURCE, SOURCE),
+                # seed by marker (not by position in --markers): the same slide every run
+                seed = 40 + (DEFAULT_MARKERS.index(marker) if marker in DEFAULT_MARKERS else i)
+                src = generate_section(marker=marker, seed=seed, shape=(SOURCE, SOURCE),
                                        mpp=MPP).rgb
                 write_mosaic_slide(path, src, a.size)
                 del src
