@@ -35,6 +35,7 @@ import pandas as pd
 from scipy import ndimage as ndi
 from skimage.filters import apply_hysteresis_threshold
 
+from ._fiber_props import FIBER_COLUMNS
 from ._watershed import watershed
 from .errors import InputError, MppUnknownError
 from .stains import PRESETS, StainModel, estimate_background
@@ -48,25 +49,6 @@ __all__ = [
     "fiber_od_images",
 ]
 
-#: Columns of :func:`fiber_table`, in order.
-FIBER_COLUMNS: tuple[str, ...] = (
-    "fiber_id",
-    "x_px",
-    "y_px",
-    "x_um",
-    "y_um",
-    "area_px",
-    "area_um2",
-    "min_feret_um",
-    "max_feret_um",
-    "perimeter_um",
-    "eccentricity",
-    "solidity",
-    "touches_edge",
-    "touches_exclusion",
-    "n_internal_nuclei",
-    "fascicle_edge_distance_um",
-)
 
 
 @dataclass(frozen=True)
@@ -725,7 +707,7 @@ def _segment_working(total: np.ndarray, counter: np.ndarray, hema: np.ndarray,
     nm, markers = cv2.connectedComponents(peaks.astype(np.uint8), connectivity=8)
     if nm <= 1:
         return np.zeros(total.shape, np.int32)
-    cores = watershed(-dsm, markers, mask=core).astype(np.int32)
+    cores = watershed(-dsm, markers, mask=core)
     cores = _merge_shallow(cores, dsm, h)
     if cores.max() == 0:
         return np.zeros(total.shape, np.int32)
@@ -748,7 +730,7 @@ def _segment_working(total: np.ndarray, counter: np.ndarray, hema: np.ndarray,
     region = far <= grow_px + 1.5  # only pixels near a core are flooded
     bg = (~tissue | pale | ridge | (far > grow_px)) & (cores == 0) & region
     seeds[bg] = bg_id
-    lab = watershed(edge, seeds, mask=region).astype(np.int32)
+    lab = watershed(edge, seeds, mask=region)
     lab[(lab == bg_id) | ~tissue] = 0
 
     r_min = params.min_diameter_um / wm / 2.0
