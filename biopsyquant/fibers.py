@@ -43,6 +43,8 @@ from .stains import _check_rgb as _check_rgb_stains
 
 __all__ = [
     "FiberParams",
+    "FiberLevels",
+    "fiber_levels",
     "segment_fibers",
     "fiber_table",
     "FIBER_COLUMNS",
@@ -533,6 +535,7 @@ def segment_fibers(
     model: StainModel | None = None,
     tissue: np.ndarray | None = None,
     params: FiberParams | None = None,
+    levels: FiberLevels | None = None,
 ) -> np.ndarray:
     """Segment muscle fibers in a brightfield transverse section (H-DAB IHC or H&E).
 
@@ -550,6 +553,9 @@ def segment_fibers(
     tissue : ndarray of bool, shape (H, W), optional
         Analysed tissue; fibers are only found inside it. Default: all non-glass pixels.
     params : FiberParams, optional
+    levels : FiberLevels, optional
+        Statistics to compare with (see :func:`fiber_levels`); default: those of this image.
+        A tile of a slide gets the slide's, so that the result does not depend on the tiling.
 
     Returns
     -------
@@ -583,20 +589,9 @@ def segment_fibers(
                           UserWarning, stacklevel=2)
             return np.zeros(shape, np.int32)
     if model is None:
-        # a field inside the tissue has no glass and its brightest pixels are pale fibers:
-        # never take a background darker than _MIN_DEFAULT_BACKGROUND for the default model
-        bg = tuple(max(b, _MIN_DEFAULT_BACKGROUND) for b in _estimate_background(rgb))
-        model = PRESETS["H-DAB"].with_background(bg)
-
-    factor = max(1.0, params.working_mpp_um / mpp)
-    small = _downsample(rgb, factor)
-    wm = mpp * shape[0] / small.shape[0]  # actual working µm/px
-    total, counter, hema = fiber_od_images(small, model)
-    if tissue is not None:
-        t_small = _downsample(tissue.astype(np.uint8) * 255, factor) >= 128
-    else:
-        t_small = _gauss(total, 2.0 / wm) > 0.06
-    lab = _segment_working(total, counter, hema, t_small, wm, params)
+        model = _default_model(rgb)
+    total, counter, hema, t_small, wm = _working_images(rgb, mpp, model, tissue, params)
+    lab = _segment_working(total, counter, hema, t_small, wm, params, levels)
     if lab.max() == 0:
         warnings.warn("segment_fibers: no muscle fibers found in the image "
                       f"(min_diameter_um={params.min_diameter_um:g}, mpp={mpp:g})",
@@ -619,68 +614,253 @@ def _inner_distance(lab: np.ndarray) -> np.ndarray:
     return cv2.distanceTransform((inside & ~edge).astype(np.uint8), cv2.DIST_L2, 5)
 
 
+@dataclass(frozen=True)
+class FiberLevels:
+    """Image statistics that fiber segmentation compares with (OD in log10 units).
+
+    Computed from the image being segmented unless given. A tiled whole slide computes them
+    once for the slide (:func:`fiber_levels` on the whole slide or a fixed sample of it) and
+    gives every tile the same values, so that tiles do not differ by their own statistics.
+
+    Attributes
+    ----------
+    counterstain : bool
+        DAB patches cover more than ``dab_counterstain_fraction`` of the tissue: the DAB is
+        treated as a counterstain (total OD used throughout, no interstitium rule).
+    level_c, level_t : float
+        Typical fiber OD on the DAB-free and on the total OD (median over smooth tissue).
+    ref_t, ref_c : float
+        Reference OD of the palest parts (glass or pale interstitium) on the total and on
+        the DAB-free OD.
+    line_noise : tuple of 3 floats
+        Median relative line response over tissue of the DAB-free, hematoxylin and pale-line
+        maps (the grain that a boundary must stand out of).
+    """
+
+    counterstain: bool
+    level_c: float
+    level_t: float
+    ref_t: float
+    ref_c: float
+    line_noise: tuple[float, float, float]
+
+    def to_dict(self) -> dict:
+        return {"counterstain": bool(self.counterstain), "level_c": float(self.level_c),
+                "level_t": float(self.level_t), "ref_t": float(self.ref_t),
+                "ref_c": float(self.ref_c),
+                "line_noise": [float(v) for v in self.line_noise]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FiberLevels:
+        return cls(counterstain=bool(d["counterstain"]), level_c=float(d["level_c"]),
+                   level_t=float(d["level_t"]), ref_t=float(d["ref_t"]),
+                   ref_c=float(d["ref_c"]),
+                   line_noise=tuple(float(v) for v in d["line_noise"]))
+
+
+class _Work:
+    """Working-grid maps of one image (stage 1 of the segmentation, before any statistic)."""
+
+    def __init__(self, total: np.ndarray, counter: np.ndarray, hema: np.ndarray,
+                 tissue: np.ndarray, wm: float, params: FiberParams) -> None:
+        self.total, self.counter, self.hema, self.tissue = total, counter, hema, tissue
+        self.wm, self.params = wm, params
+        self.has_dab = counter is not total
+        # DAB patches (granular sarcoplasmic DAB, DAB-filled fibers)
+        self.patch = None
+        if self.has_dab and params.dab_patch_od > 0:
+            self.patch = _gauss(total - counter, params.dab_patch_smoothing_um / wm) \
+                > params.dab_patch_od
+        n_t = int(np.count_nonzero(tissue))
+        self.patch_px = int(np.count_nonzero(self.patch & tissue)) if self.patch is not None \
+            else 0
+        self.tissue_px = n_t
+
+    def set_mode(self, counterstain: bool) -> None:
+        """Stage 2: the DAB mode, then the smoothed maps and the tissue candidates."""
+        params, wm = self.params, self.wm
+        self.inter_ratio = params.interstitium_ratio
+        if self.has_dab and counterstain and self.patch is not None:
+            # DAB-filled fibers are darker than connective tissue: no interstitium rule either
+            self.counter, self.patch, self.inter_ratio = self.total, None, 0.0
+        elif self.patch is not None and not self.patch.any():
+            self.patch = None
+        total, counter = self.total, self.counter
+        self.ts = _gauss(total, params.smoothing_um / wm)
+        self.cs = _gauss(counter, params.smoothing_um / wm) if counter is not total else self.ts
+        mu = _gauss(counter, params.texture_um / wm)
+        var = _gauss(counter * counter, params.texture_um / wm) - mu * mu
+        self.std = np.sqrt(np.maximum(var, 0))
+        self.cand = self.tissue & (self.cs > 0.02)
+
+    def lines(self, level_t: float) -> None:
+        """Stage 3: the three line maps (absolute and relative contrast)."""
+        params, wm = self.params, self.wm
+        k = _disk(params.endomysium_um / wm / 2.0 + 0.5)
+        self.hs = _gauss(self.hema, params.smoothing_um / wm)
+        sl = params.line_smoothing_um / wm
+        self.line_maps = []
+        for img, polarity in ((self.cs, 1), (self.hs, 1), (self.ts, -1)):
+            if polarity > 0:
+                ref = cv2.morphologyEx(img, cv2.MORPH_OPEN, k)
+                t = _gauss(img - ref, sl)
+            else:
+                ref = cv2.morphologyEx(img, cv2.MORPH_CLOSE, k)
+                t = _gauss(ref - img, sl)
+            # grain scales with the stain (DAB-filled fibers are grainier): relative contrast
+            rel = t / np.maximum(_gauss(ref, 2 * sl), np.float32(0.5 * level_t))
+            self.line_maps.append((t, rel))
+
+
+def _pooled(works: list[_Work], attr: str, mask_attr: str | None) -> np.ndarray:
+    """Raster samples of one map over several images, concatenated (one image: _sample)."""
+    parts = []
+    for w in works:
+        img = getattr(w, attr) if isinstance(attr, str) else attr(w)
+        mask = getattr(w, mask_attr) if isinstance(mask_attr, str) else (
+            mask_attr(w) if mask_attr is not None else None)
+        parts.append(_sample(img, mask))
+    v = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    if v.size == 0 and mask_attr is not None:  # sub-grid missed a tiny mask: all pixels
+        v = np.concatenate([
+            (getattr(w, attr) if isinstance(attr, str) else attr(w))[
+                getattr(w, mask_attr) if isinstance(mask_attr, str) else mask_attr(w)]
+            for w in works])
+    return v
+
+
+def _levels(works: list[_Work], params: FiberParams) -> FiberLevels | None:
+    """Slide/image statistics from the working maps of one or more images (None: no tissue)."""
+    n_t = sum(w.tissue_px for w in works)
+    counterstain = sum(w.patch_px for w in works) > params.dab_counterstain_fraction * n_t
+    for w in works:
+        w.set_mode(counterstain)
+    if sum(int(np.count_nonzero(w.cand)) for w in works) < 16:
+        return None
+    level0 = float(np.median(_pooled(works, "cs", "cand")))
+    thr = 0.5 * params.texture_max * max(level0, 1e-3)
+    for w in works:
+        w.smooth = w.cand & (w.std < thr)
+    if sum(int(np.count_nonzero(w.smooth)) for w in works) < 64:
+        for w in works:
+            w.smooth = w.cand
+    level_c = max(float(np.median(_pooled(works, "cs", "smooth"))), 0.02)
+    level_t = max(float(np.median(_pooled(works, "ts", "smooth"))), 0.02)
+    ref_t = min(float(np.percentile(_pooled(works, "ts", None), 1.0)), 0.5 * level_t)
+    ref_c = min(float(np.percentile(_pooled(works, "cs", None), 1.0)), 0.5 * level_c)
+    noise = []
+    for w in works:
+        w.lines(level_t)
+    for j in range(3):
+        v = _pooled(works, lambda w, j=j: w.line_maps[j][1], "cand")
+        noise.append(max(float(np.median(v)), 1e-4))
+    return FiberLevels(counterstain=bool(counterstain), level_c=level_c, level_t=level_t,
+                       ref_t=ref_t, ref_c=ref_c, line_noise=tuple(noise))
+
+
+def _working_images(rgb: np.ndarray, mpp: float, model: StainModel, tissue: np.ndarray | None,
+                    params: FiberParams):
+    factor = max(1.0, params.working_mpp_um / mpp)
+    small = _downsample(rgb, factor)
+    wm = mpp * rgb.shape[0] / small.shape[0]  # actual working µm/px
+    total, counter, hema = fiber_od_images(small, model)
+    if tissue is not None:
+        t_small = _downsample(tissue.astype(np.uint8) * 255, factor) >= 128
+    else:
+        t_small = _gauss(total, 2.0 / wm) > 0.06
+    return total, counter, hema, t_small, wm
+
+
+def _default_model(rgb: np.ndarray) -> StainModel:
+    # a field inside the tissue has no glass and its brightest pixels are pale fibers:
+    # never take a background darker than _MIN_DEFAULT_BACKGROUND for the default model
+    bg = tuple(max(b, _MIN_DEFAULT_BACKGROUND) for b in _estimate_background(rgb))
+    return PRESETS["H-DAB"].with_background(bg)
+
+
+def fiber_levels(
+    images,
+    *,
+    mpp: float,
+    model: StainModel | None = None,
+    tissues=None,
+    params: FiberParams | None = None,
+) -> FiberLevels | None:
+    """Fiber segmentation statistics of a slide, pooled over one or more of its regions.
+
+    ``segment_fibers(rgb, levels=fiber_levels([rgb], ...))`` equals ``segment_fibers(rgb)``;
+    a tiled slide gives every tile the levels of the whole slide (or of a fixed sample of
+    regions of it), so the result does not depend on the tiling.
+
+    Parameters
+    ----------
+    images : sequence of ndarray of uint8, shape (H, W, 3)
+        Regions of the slide at the same pixel size.
+    mpp : float
+        Pixel size in µm per pixel.
+    model : StainModel, optional
+        As for :func:`segment_fibers` (default estimated from the first image).
+    tissues : sequence of ndarray of bool, optional
+        Analysed tissue of each image (default: all non-glass pixels).
+    params : FiberParams, optional
+
+    Returns
+    -------
+    FiberLevels or None
+        None when the regions hold (almost) no tissue.
+    """
+    params = FiberParams() if params is None else params
+    images = [_check_rgb(im) for im in images]
+    if not images:
+        return None
+    mpp = _check_mpp(mpp, images[0].shape[:2], params)
+    model = _default_model(images[0]) if model is None else model
+    tissues = [None] * len(images) if tissues is None else list(tissues)
+    works = []
+    for im, t in zip(images, tissues, strict=True):
+        if t is not None:
+            t = np.asarray(t, bool)
+            if t.shape != im.shape[:2]:
+                raise InputError(f"tissue mask has shape {t.shape}, image has {im.shape[:2]}")
+        total, counter, hema, t_small, wm = _working_images(im, mpp, model, t, params)
+        works.append(_Work(total, counter, hema, t_small, wm, params))
+    return _levels(works, params)
+
+
 def _segment_working(total: np.ndarray, counter: np.ndarray, hema: np.ndarray,
-                     tissue: np.ndarray, wm: float, params: FiberParams) -> np.ndarray:
+                     tissue: np.ndarray, wm: float, params: FiberParams,
+                     levels: FiberLevels | None = None) -> np.ndarray:
     """Fiber labels on the working grid (pixel size ``wm`` µm)."""
     if tissue.sum() < math.pi * (params.min_diameter_um / wm / 2) ** 2:
         return np.zeros(total.shape, np.int32)
-    # DAB patches (granular sarcoplasmic DAB, DAB-filled fibers); when they cover most of the
-    # tissue the "DAB" is a counterstain and the DAB-free OD is not used
-    patch = None
-    inter_ratio = params.interstitium_ratio
-    if counter is not total and params.dab_patch_od > 0:
-        patch = _gauss(total - counter, params.dab_patch_smoothing_um / wm) > params.dab_patch_od
-        if np.count_nonzero(patch & tissue) > params.dab_counterstain_fraction * np.count_nonzero(
-                tissue):
-            # DAB-filled fibers are darker than connective tissue: no interstitium rule either
-            counter, patch, inter_ratio = total, None, 0.0
-        elif not patch.any():
-            patch = None
-    ts = _gauss(total, params.smoothing_um / wm)
-    cs = _gauss(counter, params.smoothing_um / wm) if counter is not total else ts
-
-    # typical fiber OD: median over smooth tissue, on the full and on the DAB-free OD
-    mu = _gauss(counter, params.texture_um / wm)
-    var = _gauss(counter * counter, params.texture_um / wm) - mu * mu
-    std = np.sqrt(np.maximum(var, 0))
-    cand = tissue & (cs > 0.02)
-    if cand.sum() < 16:
-        return np.zeros(total.shape, np.int32)
-    level0 = _median(cs, cand)
-    smooth = cand & (std < 0.5 * params.texture_max * max(level0, 1e-3))
-    if smooth.sum() < 64:
-        smooth = cand
-    level_c = max(_median(cs, smooth), 0.02)
-    level_t = max(_median(ts, smooth), 0.02)
-
-    # pale = closer to the brightest parts of the image (glass, or pale interstitium in a
-    # field without glass) than to the typical fiber
-    ref_t = min(_percentile(ts, 1.0), 0.5 * level_t)
+    w = _Work(total, counter, hema, tissue, wm, params)
+    if levels is None:
+        levels = _levels([w], params)
+        if levels is None:
+            return np.zeros(total.shape, np.int32)
+    else:
+        w.set_mode(levels.counterstain)
+        if np.count_nonzero(w.cand) < 16:
+            return np.zeros(total.shape, np.int32)
+        w.lines(levels.level_t)
+    counter, patch, inter_ratio = w.counter, w.patch, w.inter_ratio
+    ts, cs = w.ts, w.cs
+    level_c, level_t = levels.level_c, levels.level_t
+    ref_t, ref_c = levels.ref_t, levels.ref_c
     # 1. thin structures darker or paler than their surroundings, in units of each map's
     #    own noise (fiber grain): dark lines on the DAB-free OD and on the hematoxylin OD
     #    (endomysium, nuclei), pale lines on the total OD (cracks, H&E endomysium); inside
     #    DAB patches only the hematoxylin lines count
-    k = _disk(params.endomysium_um / wm / 2.0 + 0.5)
-    hs = _gauss(hema, params.smoothing_um / wm)
-    sl = params.line_smoothing_um / wm
     raw = np.zeros_like(ts)
     line = np.zeros_like(ts)
-    for j, (img, polarity, weight) in enumerate(
-            ((cs, 1, 1.0), (hs, 1, 1.0), (ts, -1, params.pale_line_weight))):
-        if polarity > 0:
-            ref = cv2.morphologyEx(img, cv2.MORPH_OPEN, k)
-            t = _gauss(img - ref, sl)
-        else:
-            ref = cv2.morphologyEx(img, cv2.MORPH_CLOSE, k)
-            t = _gauss(ref - img, sl)
-        # grain scales with the stain (DAB-filled fibers are grainier): relative contrast
-        rel = t / np.maximum(_gauss(ref, 2 * sl), np.float32(0.5 * level_t))
-        n = max(_median(rel, cand), 1e-4)
+    weights = (1.0, 1.0, params.pale_line_weight)
+    for j, (t, rel) in enumerate(w.line_maps):
         if patch is not None and j != 1:
             t[patch] = 0
             rel[patch] = 0
         np.maximum(raw, t, out=raw)
-        np.maximum(line, rel * np.float32(weight / n), out=line)
+        np.maximum(line, rel * np.float32(weights[j] / levels.line_noise[j]), out=line)
+    w.line_maps = None
     # a boundary must stand out of the grain AND have a visible contrast
     line[raw < params.boundary_contrast * (level_t - ref_t)] = 0
     line[raw < params.boundary_min_od] = 0
@@ -688,7 +868,6 @@ def _segment_working(total: np.ndarray, counter: np.ndarray, hema: np.ndarray,
     boundary = apply_hysteresis_threshold(line, params.boundary_weak * thr, thr)
     pale = ts < ref_t + params.pale_fraction * (level_t - ref_t)
     if cs is not ts:  # DAB-stained fibers: pale only if also pale in the DAB-free OD
-        ref_c = min(_percentile(cs, 1.0), 0.5 * level_c)
         pale &= cs < ref_c + params.pale_fraction * (level_c - ref_c)
     core = tissue & ~boundary & ~pale
     if inter_ratio > 0:

@@ -215,8 +215,12 @@ def measure_image(
     own: np.ndarray | None = None,
     origin: tuple[int, int] = (0, 0),
     keep_labels: bool = True,
+    fiber_levels=None,
 ) -> tuple[ImageContext, Measurements, pd.DataFrame, dict]:
     """Run steps 2–5 (``measure`` half) on one image or tile.
+
+    ``fiber_levels`` (a :class:`~biopsyquant.fibers.FiberLevels` or its dict) are the slide's
+    fiber statistics given to every tile of a tiled slide; default: this image's own.
 
     Returns
     -------
@@ -228,7 +232,7 @@ def measure_image(
         Additive pixel counts over owned pixels: tissue, analysed, excluded, per compartment.
     """
     from .compartments import compartment_map
-    from .fibers import fiber_table, segment_fibers
+    from .fibers import FiberLevels, fiber_table, segment_fibers
     from .tissue import detect_tissue
 
     rgb = np.asarray(rgb)
@@ -247,8 +251,10 @@ def measure_image(
     excluded = _exclusion_mask(exclusions, shape, origin)
     analysed = tissue & ~excluded
     if settings.scoring.segment_fibers:
+        if isinstance(fiber_levels, dict):
+            fiber_levels = FiberLevels.from_dict(fiber_levels)
         fibers = segment_fibers(rgb, mpp=size_mpp, model=stain_model, tissue=analysed,
-                                params=settings.fibers)
+                                params=settings.fibers, levels=fiber_levels)
         compartments = compartment_map(fibers, analysed, mpp=size_mpp, hema_od=hema,
                                        dab_od=dab, rgb=rgb, params=settings.compartments)
     else:  # non-muscle tissue: everything analysed is one "interstitial" compartment

@@ -237,6 +237,8 @@ class SlidePlan:
     seconds_prepare: float = 0.0
     fmt: str = ""
     levels: int = 1
+    fiber_levels: dict | None = None
+    fiber_levels_from: dict | None = None
 
     @property
     def overview_shape(self) -> tuple[int, int]:
@@ -261,6 +263,7 @@ class TileTask:
     whole: bool
     overview_ds: float
     fiber_class_column: str | None = None
+    fiber_levels: dict | None = None
 
 
 @dataclass
@@ -299,6 +302,94 @@ def _load_exclusions(exclusions) -> list:
         raise InputError("whole-slide scoring takes exclusions as polygons or a GeoJSON path, "
                          "not a pixel mask")
     return [np.asarray(p, float) for p in exclusions]
+
+
+#: level-0 pixels of the slide read to compute its fiber statistics (whole slide up to this
+#: size, else a fixed sample of windows): bounded memory in the driver
+LEVELS_SAMPLE_PX = 16_000_000
+#: edge of one sample window (µm) and the most windows taken
+LEVELS_WINDOW_UM = 512.0
+LEVELS_MAX_WINDOWS = 8
+
+
+def _region_tissue(tissue_lowres: np.ndarray, scale: tuple[float, float],
+                   box: tuple[int, int, int, int]) -> np.ndarray:
+    """Thumbnail tissue mask sampled at the level-0 pixels of ``box`` (x0, y0, x1, y1)."""
+    x0, y0, x1, y1 = box
+    lh, lw = tissue_lowres.shape
+    ri = _sample_index(y0, y1, scale[0], lh)
+    ci = _sample_index(x0, x1, scale[1], lw)
+    return np.take(np.take(tissue_lowres, ci, axis=1), ri, axis=0)
+
+
+def _levels_windows(shape: tuple[int, int], mpp: float, tissue_lowres: np.ndarray,
+                    scale: tuple[float, float]) -> list[tuple[int, int, int, int]]:
+    """Level-0 boxes whose pixels give the slide's fiber statistics.
+
+    The whole slide when it has at most ``LEVELS_SAMPLE_PX`` pixels; otherwise up to
+    ``LEVELS_MAX_WINDOWS`` windows of ``LEVELS_WINDOW_UM`` on a grid anchored at the slide
+    origin, taken evenly (in raster order) among the grid cells with at least half the
+    tissue fraction of the fullest cell. The choice depends on the slide only, never on the
+    tiling.
+    """
+    h, w = shape
+    if h * w <= LEVELS_SAMPLE_PX:
+        return [(0, 0, w, h)]
+    edge = max(64, int(round(LEVELS_WINDOW_UM / mpp)))
+    n_max = max(1, min(LEVELS_MAX_WINDOWS, LEVELS_SAMPLE_PX // (edge * edge)))
+    cells, fracs = [], []
+    for y0 in range(0, h, edge):
+        for x0 in range(0, w, edge):
+            box = (x0, y0, min(w, x0 + edge), min(h, y0 + edge))
+            r0 = int(_sample_index(y0, y0 + 1, scale[0], tissue_lowres.shape[0])[0])
+            r1 = int(_sample_index(box[3] - 1, box[3], scale[0], tissue_lowres.shape[0])[0]) + 1
+            c0 = int(_sample_index(x0, x0 + 1, scale[1], tissue_lowres.shape[1])[0])
+            c1 = int(_sample_index(box[2] - 1, box[2], scale[1], tissue_lowres.shape[1])[0]) + 1
+            cells.append(box)
+            fracs.append(float(tissue_lowres[r0:r1, c0:c1].mean()))
+    fracs_a = np.asarray(fracs)
+    if fracs_a.max() <= 0:
+        return []
+    good = [c for c, f in zip(cells, fracs_a, strict=True) if f >= 0.5 * fracs_a.max()]
+    pick = np.unique(np.linspace(0, len(good) - 1, min(n_max, len(good))).round().astype(int))
+    return [good[i] for i in pick]
+
+
+def _slide_fiber_levels(slide, *, shape, mpp: float, model: StainModel,
+                        tissue_lowres: np.ndarray, scale, exclusions: list,
+                        settings: Settings) -> tuple[dict | None, dict]:
+    """Fiber statistics of the slide (:func:`biopsyquant.fibers.fiber_levels`), given to
+    every tile so that fiber segmentation does not depend on the tiling."""
+    from .fibers import fiber_levels
+    from .score import _exclusion_mask
+
+    boxes = _levels_windows(shape, mpp, tissue_lowres, scale)
+    images, tissues = [], []
+    for box in boxes:
+        x0, y0, x1, y1 = box
+        try:
+            rgb = slide.read_region(x0, y0, x1 - x0, y1 - y0, level=0)
+        except SlideError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - decoder errors of every kind
+            raise SlideError(str(getattr(slide, "path", "slide")),
+                             f"cannot read region x={x0} y={y0} {x1 - x0}x{y1 - y0}: "
+                             f"{type(exc).__name__}: {exc}") from None
+        images.append(np.ascontiguousarray(np.asarray(rgb)[..., :3]))
+        t = _region_tissue(tissue_lowres, scale, box)
+        polys = _polys_in_box(exclusions, box)
+        if polys:
+            t = t & ~_exclusion_mask(polys, t.shape, (x0, y0))
+        tissues.append(t)
+    source = {"windows": [list(map(int, b)) for b in boxes],
+              "pixels": int(sum((b[2] - b[0]) * (b[3] - b[1]) for b in boxes))}
+    if not images:
+        return None, source
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lv = fiber_levels(images, mpp=mpp, model=model, tissues=tissues,
+                          params=settings.fibers)
+    return (lv.to_dict() if lv is not None else None), source
 
 
 def prepare_slide(
@@ -372,6 +463,12 @@ def prepare_slide(
     else:
         full = (0, 0, shape[1], shape[0])
         tiles = [Tile(0, full, full)]
+    polys = _load_exclusions(exclusions)
+    levels, levels_from = None, None
+    if settings.scoring.segment_fibers:
+        levels, levels_from = _slide_fiber_levels(
+            slide, shape=shape, mpp=size_mpp, model=model, tissue_lowres=np.asarray(tissue, bool),
+            scale=scale, exclusions=polys, settings=settings)
     ods = max(1.0, max(shape) / float(overview_px))
     oshape = (max(1, int(round(shape[0] / ods))), max(1, int(round(shape[1] / ods))))
     import cv2
@@ -383,10 +480,11 @@ def prepare_slide(
         name=name, path=path, shape=shape,
         mpp=mpp, mpp_source=slide.mpp_source, settings=settings, stain_model=model,
         tissue_lowres=np.asarray(tissue, bool), lowres_scale=scale,
-        exclusions=_load_exclusions(exclusions), tiles=tiles, tiled=bool(tiled),
+        exclusions=polys, tiles=tiles, tiled=bool(tiled),
         overview_ds=float(ods), overview_rgb=overview, warnings=warn_list,
         seconds_prepare=time.perf_counter() - t0, fmt=str(getattr(slide, "format", "")),
-        levels=len(getattr(slide, "levels", [None])))
+        levels=len(getattr(slide, "levels", [None])),
+        fiber_levels=levels, fiber_levels_from=levels_from)
 
 
 def tile_tasks(plan: SlidePlan, *, mpp_override: float | None = None) -> list[TileTask]:
@@ -409,7 +507,8 @@ def tile_tasks(plan: SlidePlan, *, mpp_override: float | None = None) -> list[Ti
             tile=t, tissue_crop=np.ascontiguousarray(plan.tissue_lowres[r0:r1, c0:c1]),
             tissue_crop_origin=(r0, c0), lowres_scale=plan.lowres_scale,
             lowres_shape=(lh, lw), exclusions=_polys_in_box(plan.exclusions, t.read),
-            whole=not plan.tiled, overview_ds=plan.overview_ds, fiber_class_column=fiber_class))
+            whole=not plan.tiled, overview_ds=plan.overview_ds, fiber_class_column=fiber_class,
+            fiber_levels=plan.fiber_levels))
     return tasks
 
 
@@ -647,7 +746,7 @@ def measure_tile(task: TileTask, *, slide=None) -> TileResult:
         _ctx, meas, fibers, base = measure_image(
             rgb, settings=task.settings, stain_model=model, mpp=task.mpp,
             exclusions=task.exclusions or None, tissue=tissue, own=own, origin=(x0, y0),
-            keep_labels=True)
+            keep_labels=True, fiber_levels=task.fiber_levels)
     for wmsg in caught:
         if str(wmsg.message) not in warn_list:
             warn_list.append(str(wmsg.message))
@@ -798,6 +897,8 @@ def merge_tiles(plan: SlidePlan, results: Iterable[TileResult], *, seconds: floa
         "stain_model": plan.stain_model.to_dict(),
         "stain_model_from": {"image": "thumbnail", "shape": list(plan.tissue_lowres.shape),
                              "downsample": [round(s, 4) for s in plan.lowres_scale]},
+        "fiber_levels": plan.fiber_levels,
+        "fiber_levels_from": plan.fiber_levels_from,
         "mpp": plan.mpp,
         "mpp_source": plan.mpp_source,
         "path": plan.path,

@@ -301,3 +301,27 @@ def test_saddle_merge_equals_h_maxima():
         n_ref = ndi.label(h_maxima(q, int(h * 4)), structure=np.ones((3, 3)))[1]
         n_new = int(basins(h).max())
         assert abs(n_new - n_ref) <= max(1, 0.1 * n_ref), (h, n_new, n_ref)
+
+
+def test_slide_levels_reproduce_own_levels():
+    """``fiber_levels`` of the image itself gives the default result, pooled regions give
+    the statistics of their union (whole vs tiled slides: tests/test_wsi_tiling.py)."""
+    from biopsyquant.fibers import FiberLevels, fiber_levels
+    from biopsyquant.synthetic import generate_section
+
+    sec = generate_section(marker="CD163", seed=4, shape=(1024, 1024), mpp=0.5)
+    rgb = sec.rgb
+    own = segment_fibers(rgb, mpp=0.5)
+    lv = fiber_levels([rgb], mpp=0.5)
+    assert isinstance(lv, FiberLevels) and 0.02 <= lv.level_c <= lv.level_t
+    assert FiberLevels.from_dict(lv.to_dict()) == lv
+    assert np.array_equal(segment_fibers(rgb, mpp=0.5, levels=lv), own)
+    # pooled over the four quadrants = statistics of the same pixels (up to the borders
+    # of the quadrants' smoothing)
+    quads = [rgb[:512, :512], rgb[:512, 512:], rgb[512:, :512], rgb[512:, 512:]]
+    lq = fiber_levels(quads, mpp=0.5)
+    assert lq.level_c == pytest.approx(lv.level_c, rel=0.05)
+    assert lq.level_t == pytest.approx(lv.level_t, rel=0.05)
+    with pytest.raises(InputError, match="tissue mask has shape"):
+        fiber_levels([rgb], mpp=0.5, tissues=[np.ones((5, 5), bool)])
+    assert fiber_levels([], mpp=0.5) is None

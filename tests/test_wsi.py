@@ -136,3 +136,24 @@ def test_batch_tiles_images_larger_than_one_tile_read_region():
     assert not needs_tiling((3600, 3600), s, bound_to_tile=True, mpp=0.25)
     assert needs_tiling((3600, 3600), s, bound_to_tile=True, mpp=0.25, tile_size=1024)
     assert needs_tiling((5000, 5000), s)  # over max_whole_image_px either way
+
+
+def test_fiber_level_windows_depend_on_the_slide_only():
+    """Large slides take their fiber statistics from a fixed sample of tissue windows
+    (bounded pixels, anchored at the slide origin, never at the tiles); small ones whole."""
+    from biopsyquant.wsi import LEVELS_SAMPLE_PX, _levels_windows
+
+    assert _levels_windows((3000, 4000), 0.5, np.ones((30, 40), bool), (100.0, 100.0)) == [
+        (0, 0, 4000, 3000)]
+    lowres = np.zeros((200, 200), bool)
+    lowres[40:160, 20:120] = True  # tissue in rows 4000-16000, columns 2000-12000 (level 0)
+    boxes = _levels_windows((20000, 20000), 0.5, lowres, (100.0, 100.0))
+    assert 1 < len(boxes) <= 8
+    assert sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in boxes) <= LEVELS_SAMPLE_PX
+    for x0, y0, x1, y1 in boxes:
+        assert x0 % 1024 == 0 and y0 % 1024 == 0 and x1 - x0 == 1024 == y1 - y0
+        assert lowres[y0 // 100:y1 // 100, x0 // 100:x1 // 100].mean() >= 0.5
+    rows = {b[1] for b in boxes}
+    assert len(rows) > 1  # spread over the tissue, not one strip
+    assert _levels_windows((20000, 20000), 0.5, np.zeros((200, 200), bool),
+                           (100.0, 100.0)) == []

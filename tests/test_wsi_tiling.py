@@ -42,11 +42,6 @@ def _close_count(a, b, rel=0.01):
     assert abs(a - b) <= rel * max(a, b), (a, b)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fibers.segment_fibers: the interstitium rule (fibers.interstitium_ratio, added for H-DAB "
-    "accuracy) compares with the fiber OD level of the image it is given, so a tile's level "
-    "differs slightly from the whole slide's: 274 vs 271 fibers (1.1 %, target 1 %); with "
-    "interstitium_ratio=0 the fiber counts agree. Fix: a slide-level fiber level from the plan"))
 @pytest.mark.slow
 def test_cells_and_fibers_same_whole_and_tiled(slides):
     w, t, rw, rt = _both(slides["CD163"], "CD163")
@@ -82,11 +77,6 @@ def test_pixel_scoring_same_whole_and_tiled(slides):
     assert t["scored_px"] == pytest.approx(w["scored_px"], rel=0.01)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fibers.segment_fibers: the interstitium rule (fibers.interstitium_ratio, added for H-DAB "
-    "accuracy) compares with the fiber OD level of the image it is given, so a tile's level "
-    "differs slightly from the whole slide's: 274 vs 271 fibers (1.1 %, target 1 %); with "
-    "interstitium_ratio=0 the fiber counts agree. Fix: a slide-level fiber level from the plan"))
 @pytest.mark.slow
 def test_mhc_fibers_same_whole_and_tiled(slides):
     # default overlap (200 µm): fiber segmentation normalises by medians over the image it
