@@ -768,6 +768,10 @@ def _working_images(rgb: np.ndarray, mpp: float, model: StainModel, tissue: np.n
         t_small = _downsample(tissue.astype(np.uint8) * 255, factor) >= 128
     else:
         t_small = _gauss(total, 2.0 / wm) > 0.06
+        # pale fibers (little counterstain, little background DAB) dip below the glass
+        # threshold in patches: enclosed holes up to the largest fiber are tissue (lumens and
+        # tears stay out of the fiber cores by the pale rule)
+        t_small = _fill_small_holes(t_small, math.pi * (params.max_diameter_um / wm / 2) ** 2)
     return total, counter, hema, t_small, wm
 
 
