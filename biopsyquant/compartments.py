@@ -194,8 +194,14 @@ def _outside(tissue: np.ndarray, wm: float, params: CompartmentParams) -> np.nda
 
 
 def _find_vessels(fiber: np.ndarray, tissue: np.ndarray, bright: np.ndarray | None,
-                  od: np.ndarray | None, wm: float, params: CompartmentParams) -> np.ndarray:
-    """Vessel mask (lumen + wall) on the working grid."""
+                  od: np.ndarray | None, wm: float, params: CompartmentParams,
+                  section: np.ndarray | None = None) -> np.ndarray:
+    """Vessel mask (lumen + wall) on the working grid.
+
+    ``tissue`` is the stained tissue (bright pixels removed), ``section`` the analysed
+    tissue mask before that (default ``tissue``): a lumen cut by the image border must lie
+    inside it, so glass around the section that reaches the border is never a lumen."""
+    section = tissue if section is None else section
     cand = ~tissue if bright is None else (~tissue | bright)
     cand &= ~fiber
     n, lab, stats, _ = cv2.connectedComponentsWithStats(cand.astype(np.uint8), connectivity=8)
@@ -204,7 +210,6 @@ def _find_vessels(fiber: np.ndarray, tissue: np.ndarray, bright: np.ndarray | No
         return vessel
     H, W = fiber.shape
     nonfiber_tissue = tissue & ~fiber
-    tissue_or_bright = tissue if bright is None else tissue | bright
     od_ref = float(np.median(od[nonfiber_tissue])) if od is not None and nonfiber_tissue.any() \
         else 0.0
     a_min = math.pi * (params.lumen_min_diameter_um / wm / 2) ** 2
@@ -214,7 +219,7 @@ def _find_vessels(fiber: np.ndarray, tissue: np.ndarray, bright: np.ndarray | No
         if area < a_min or area > a_max:
             continue
         at_border = x == 0 or y == 0 or x + w == W or y + h == H
-        if at_border and not tissue_or_bright[y:y + h, x:x + w][lab[y:y + h, x:x + w] == i].all():
+        if at_border and not section[y:y + h, x:x + w][lab[y:y + h, x:x + w] == i].all():
             continue  # glass around the section, or a hole cut by the image border
         r_lumen = math.sqrt(area / math.pi)
         wall_px = max(params.wall_um / wm, params.wall_fraction * r_lumen, 1.0)
@@ -382,7 +387,7 @@ def compartment_map(
     if params.endomysium_pocket_max_um2 > 0 and fiber.any():
         peri &= ~_fascicle_pockets(fiber, wm, params)
     vessel = _find_vessels(fiber, tis & ~(bright if bright is not None else False), bright,
-                           od_w, wm, params)
+                           od_w, wm, params, section=tis)
     perivasc = np.zeros(ws, bool)
     if vessel.any() and params.perivascular_width_um > 0:
         d = cv2.distanceTransform((~vessel).astype(np.uint8), cv2.DIST_L2, 5)

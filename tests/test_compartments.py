@@ -84,6 +84,35 @@ def test_crack_between_fibers_is_not_a_vessel():
     assert (codes[hole] == CODES["outside"]).all()
 
 
+def test_glass_reaching_the_image_border_is_not_a_vessel():
+    """Glass around the section that reaches the image border (a bay of the outline in a
+    field or tile) is outside, never a vessel lumen, even when it is rimmed by stained
+    connective tissue (the whole bay is glass-bright, so only the section mask tells it from
+    a lumen); a lumen inside the section cut by the border still is a vessel."""
+    lab, tissue, hema, lumen, wall = _section()
+    yy, xx = np.mgrid[0:400, 0:600]
+    bay = np.hypot(yy - 400, xx - 300) <= 60  # half-disk of glass at the bottom border
+    rim = (np.hypot(yy - 400, xx - 300) > 60) & (np.hypot(yy - 400, xx - 300) <= 75)
+    lab[bay | rim] = 0
+    tissue[bay] = False
+    hema[bay] = 0.0
+    # a rim a little darker than the septum (a "wall" for the OD rule) and pale enough that
+    # the glass keeps its glass-bright look up to the tissue edge
+    hema[rim] = 0.14
+    codes = compartment_map(lab, tissue, mpp=MPP, hema_od=hema)
+    assert (codes[bay] == CODES["outside"]).all()
+    assert not (codes[rim] == CODES["vessel"]).any()
+    assert (codes[lumen] == CODES["vessel"]).mean() > 0.97  # the real vessel is kept
+    # a bright lumen inside the analysed section, cut by the border: still a vessel
+    lab2, tissue2, hema2, _, _ = _section()
+    r = np.hypot(yy - 0, xx - 300)
+    lab2[r <= 40] = 0
+    hema2[r <= 24] = 0.0  # glass-bright but inside the tissue mask
+    hema2[(r > 24) & (r <= 36)] = 0.5
+    codes2 = compartment_map(lab2, tissue2, mpp=MPP, hema_od=hema2)
+    assert (codes2[r <= 20] == CODES["vessel"]).mean() > 0.9
+
+
 def test_capillary_is_not_a_vessel():
     lab, tissue, hema, _, _ = _section()
     yy, xx = np.mgrid[0:400, 0:600]
@@ -235,7 +264,8 @@ def _ref_outside(tissue: np.ndarray, wm: float, params: CompartmentParams) -> np
 
 
 def _ref_find_vessels(fiber: np.ndarray, tissue: np.ndarray, bright: np.ndarray | None,
-                  od: np.ndarray | None, wm: float, params: CompartmentParams) -> np.ndarray:
+                  od: np.ndarray | None, wm: float, params: CompartmentParams,
+                  section: np.ndarray) -> np.ndarray:
     """Vessel mask (lumen + wall) on the working grid."""
     cand = ~tissue if bright is None else (~tissue | bright)
     cand &= ~fiber
@@ -245,7 +275,6 @@ def _ref_find_vessels(fiber: np.ndarray, tissue: np.ndarray, bright: np.ndarray 
         return vessel
     H, W = fiber.shape
     nonfiber_tissue = tissue & ~fiber
-    tissue_or_bright = tissue if bright is None else tissue | bright
     od_ref = float(np.median(od[nonfiber_tissue])) if od is not None and nonfiber_tissue.any() \
         else 0.0
     a_min = math.pi * (params.lumen_min_diameter_um / wm / 2) ** 2
@@ -255,7 +284,7 @@ def _ref_find_vessels(fiber: np.ndarray, tissue: np.ndarray, bright: np.ndarray 
         if area < a_min or area > a_max:
             continue
         at_border = x == 0 or y == 0 or x + w == W or y + h == H
-        if at_border and not tissue_or_bright[y:y + h, x:x + w][lab[y:y + h, x:x + w] == i].all():
+        if at_border and not section[y:y + h, x:x + w][lab[y:y + h, x:x + w] == i].all():
             continue  # glass around the section, or a hole cut by the image border
         r_lumen = math.sqrt(area / math.pi)
         wall_px = max(params.wall_um / wm, params.wall_fraction * r_lumen, 1.0)
@@ -409,7 +438,7 @@ def _ref_compartment_map(
     if params.endomysium_pocket_max_um2 > 0 and fiber.any():
         peri &= ~_ref_fascicle_pockets(fiber, wm, params)
     vessel = _ref_find_vessels(fiber, tis & ~(bright if bright is not None else False), bright,
-                           od_w, wm, params)
+                           od_w, wm, params, tis)
     perivasc = np.zeros(ws, bool)
     if vessel.any() and params.perivascular_width_um > 0:
         d = cv2.distanceTransform((~vessel).astype(np.uint8), cv2.DIST_L2, 5)
