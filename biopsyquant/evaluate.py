@@ -8,7 +8,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
 
-__all__ = ["MatchResult", "match_points", "match_labels"]
+__all__ = ["MatchResult", "match_points", "match_labels", "border_labels"]
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,37 @@ def match_points(pred: np.ndarray, truth: np.ndarray, radius: float) -> MatchRes
     return MatchResult(tp, len(pred) - tp, len(truth) - tp)
 
 
-def match_labels(pred: np.ndarray, truth: np.ndarray, iou: float = 0.5) -> MatchResult:
-    """Match instance label images by intersection-over-union ≥ ``iou`` (0 = background)."""
+def border_labels(labels: np.ndarray) -> np.ndarray:
+    """Sorted ids (> 0) of the objects of ``labels`` that touch the image border."""
+    lab = np.asarray(labels)
+    if lab.ndim != 2:
+        raise ValueError(f"expected a 2-D label image, got shape {lab.shape}")
+    edge = np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])
+    u = np.unique(edge)
+    return u[u > 0]
+
+
+def match_labels(pred: np.ndarray, truth: np.ndarray, iou: float = 0.5, *,
+                 ignore_border: bool = False) -> MatchResult:
+    """Match instance label images by intersection-over-union ≥ ``iou`` (0 = background).
+
+    Parameters
+    ----------
+    pred, truth : ndarray of int, shape (H, W)
+        Instance labels (0 = background).
+    iou : float
+        Smallest IoU of a match (one-to-one, by assignment).
+    ignore_border : bool
+        Evaluate complete objects only: truth objects cut by the image border are ignore
+        regions -- a prediction matched to one, or an unmatched prediction that itself
+        touches the border, counts neither as TP nor FP, and an unmatched border truth
+        object is not a FN. For crops of a larger section, whose border-cut slivers (a few
+        pixels of a fiber) no whole-section analysis would ever see.
+
+    Returns
+    -------
+    MatchResult
+    """
     pred = np.asarray(pred)
     truth = np.asarray(truth)
     if pred.shape != truth.shape:
@@ -91,5 +120,18 @@ def match_labels(pred: np.ndarray, truth: np.ndarray, iou: float = 0.5) -> Match
     ious = np.where(union > 0, it / union, 0.0)
     # IoU > 0.5 matches are unique; for lower thresholds use the assignment.
     r, c = linear_sum_assignment(-ious)
-    tp = int(np.sum(ious[r, c] >= iou))
-    return MatchResult(tp, len(pi) - tp, len(ti) - tp)
+    ok = ious[r, c] >= iou
+    if not ignore_border:
+        tp = int(np.sum(ok))
+        return MatchResult(tp, len(pi) - tp, len(ti) - tp)
+    t_border = np.isin(tu[ti], border_labels(truth))
+    p_border = np.isin(pu[pi], border_labels(pred))
+    r, c = r[ok], c[ok]
+    tp = int(np.sum(~t_border[c]))
+    p_matched = np.zeros(len(pi), bool)
+    p_matched[r] = True
+    t_matched = np.zeros(len(ti), bool)
+    t_matched[c] = True
+    fp = int(np.sum(~p_matched & ~p_border))
+    fn = int(np.sum(~t_matched & ~t_border))
+    return MatchResult(tp, fp, fn)

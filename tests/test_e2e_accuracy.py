@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from biopsyquant.evaluate import match_labels, match_points
+from biopsyquant.evaluate import border_labels, match_labels, match_points
 from biopsyquant.score import score_image
 
 synthetic = pytest.importorskip("biopsyquant.synthetic")
@@ -101,15 +101,22 @@ def test_tissue_area_within_10pct(cd163):
 
 # ----------------------------------------------------------------------------- fibers (#3)
 @pytest.mark.xfail(strict=True, reason=(
-    "fibers.segment_fibers: borders follow sarcoplasmic texture and some fibers are split or "
-    "missed; F1 at IoU>=0.5 0.86 on this section (0.86-0.99, mean 0.92 over the 12-section development grid; target 0.90)"))
-def test_fiber_f1_at_iou_05(cd163):
+    "fibers.segment_fibers: on this section 3 of 31 complete fibers are missed or merged "
+    "(F1 at IoU>=0.5 on complete fibers 0.867, 28 vs 31 found; all objects incl. border "
+    "slivers 0.81, 39 vs 40); target 0.90 / 5 %. Mean over the e2e grid: 0.95 / -2 % "
+    "(docs/validation.md, end-to-end)"))
+def test_fiber_f1_and_count_on_complete_fibers(cd163):
+    """Complete fibers (not cut by the image border): a whole section has no border slivers."""
     sec, res = cd163
-    m = match_labels(res.labels["fibers"], sec.fibers, iou=0.5)
+    m = match_labels(res.labels["fibers"], sec.fibers, iou=0.5, ignore_border=True)
+    n = res.summary["n_fibers"] - len(border_labels(res.labels["fibers"]))
+    n_true = int(sec.fibers.max()) - len(border_labels(sec.fibers))
     assert m.f1 >= 0.90, f"fiber F1 {m.f1:.3f}"
+    assert abs(n / n_true - 1) <= 0.05, (n, n_true)
 
 
-def test_fiber_count_within_5pct(cd163):
+def test_fiber_count_within_5pct_all_objects(cd163):
+    """All objects, border slivers included (the count as a crop's summary reports it)."""
     sec, res = cd163
     n_true = int(sec.fibers.max())
     assert abs(res.summary["n_fibers"] / n_true - 1) <= 0.05, (res.summary["n_fibers"], n_true)
