@@ -98,10 +98,11 @@ def fiber_metrics(res, sec) -> dict:
     m = match_labels(lab, sec.fibers, iou=0.5)
     ft = sec.fiber_truth
     t_med = float(np.median(ft.loc[~ft["touches_image_edge"].astype(bool), "area_um2"]))
+    # the same population on both sides: fibers not cut by the image border
     fb = res.fibers
     if len(fb):
-        keep = ~fb["touches_edge"].astype(bool) if "touches_edge" in fb else slice(None)
-        m_med = float(np.median(fb.loc[keep, "area_um2"])) if np.any(keep) else float("nan")
+        keep = ~fb["fiber_id"].isin(border_labels(lab))
+        m_med = float(np.median(fb.loc[keep, "area_um2"])) if keep.any() else float("nan")
     else:
         m_med = float("nan")
     n_true = int(sec.fibers.max())
