@@ -640,6 +640,39 @@ def _overview_pieces(task: TileTask, labels: dict, fibers: pd.DataFrame) -> dict
 _EMPTY_PATCH_PX = 64
 
 
+#: crop offsets inside a tile's read region are multiples of this (keeps the working grids of
+#: fibers / compartments, which downsample by integer factors, aligned with the uncropped read)
+_CROP_ALIGN = 16
+
+
+def _tissue_box(tissue: np.ndarray, task: TileTask, margin: int
+                ) -> tuple[int, int, int, int] | None:
+    """Box (x0, y0, x1, y1, read-region coordinates) of the tissue and exclusions of a tile's
+    read region grown by ``margin`` px, or None when it would keep most of the region."""
+    h, w = tissue.shape
+    rows = np.flatnonzero(tissue.any(axis=1))
+    cols = np.flatnonzero(tissue.any(axis=0))
+    if not len(rows):
+        return None
+    bx0, bx1 = int(cols[0]), int(cols[-1]) + 1
+    by0, by1 = int(rows[0]), int(rows[-1]) + 1
+    rx0, ry0 = task.tile.read[0], task.tile.read[1]
+    for p in task.exclusions or []:  # exclusions are drawn where they are, tissue or not
+        p = np.asarray(p, float)
+        bx0 = min(bx0, int(np.floor(p[:, 0].min())) - rx0)
+        bx1 = max(bx1, int(np.ceil(p[:, 0].max())) + 1 - rx0)
+        by0 = min(by0, int(np.floor(p[:, 1].min())) - ry0)
+        by1 = max(by1, int(np.ceil(p[:, 1].max())) + 1 - ry0)
+    a = _CROP_ALIGN
+    bx0 = max(0, (bx0 - margin) // a * a)
+    by0 = max(0, (by0 - margin) // a * a)
+    bx1 = min(w, bx1 + margin)
+    by1 = min(h, by1 + margin)
+    if bx1 <= bx0 or by1 <= by0 or (bx1 - bx0) * (by1 - by0) > 0.9 * h * w:
+        return None
+    return bx0, by0, bx1, by1
+
+
 def _skip_empty(task: TileTask, tissue: np.ndarray) -> bool:
     """True for a tile of a tiled slide with no tissue and no exclusion in its read region."""
     return not task.whole and not task.exclusions and not tissue.any()
@@ -724,6 +757,15 @@ def measure_tile(task: TileTask, *, slide=None) -> TileResult:
     tissue = np.take(np.take(task.tissue_crop, ci, axis=1), ri, axis=0)
     if _skip_empty(task, tissue):
         return _empty_tile(task, slide, t0)
+    # analyse only the part of the read region within the overlap distance of tissue or an
+    # exclusion: farther glass holds no object, adds nothing to any count and is no context
+    # for anything on tissue (every step's reach is below the overlap)
+    rx0, ry0 = x0, y0
+    cb = None if task.whole else _tissue_box(tissue, task, overlap_px(task.settings, task.mpp))
+    if cb is not None:
+        bx0, by0, bx1, by1 = cb
+        tissue = tissue[by0:by1, bx0:bx1]
+        x0, y0, w, h = rx0 + bx0, ry0 + by0, bx1 - bx0, by1 - by0
     try:
         rgb = slide.read_region(x0, y0, w, h, level=0)
     except SlideError:
@@ -739,7 +781,7 @@ def measure_tile(task: TileTask, *, slide=None) -> TileResult:
         own = None
     else:
         own = np.zeros((h, w), bool)
-        own[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = True
+        own[max(cy0 - y0, 0):max(cy1 - y0, 0), max(cx0 - x0, 0):max(cx1 - x0, 0)] = True
     warn_list: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -750,7 +792,16 @@ def measure_tile(task: TileTask, *, slide=None) -> TileResult:
     for wmsg in caught:
         if str(wmsg.message) not in warn_list:
             warn_list.append(str(wmsg.message))
-    overview = _overview_pieces(task, meas.labels, fibers)
+    labels = meas.labels
+    if cb is not None:  # the overview samples the whole read region: pad the crop back
+        labels = {}
+        for key in ("fibers", "dab_class", "tissue", "excluded"):
+            arr = meas.labels.get(key)
+            if arr is not None:
+                full = np.zeros(task.tile.read_shape, arr.dtype)
+                full[by0:by1, bx0:bx1] = arr
+                labels[key] = full
+    overview = _overview_pieces(task, labels, fibers)
     cells = meas.cells if meas.cells is not None else pd.DataFrame()
     if not task.whole:
         cells = cells.loc[_owned_mask(cells, task.tile.core, (x0, y0), "cell")]

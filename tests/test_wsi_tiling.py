@@ -159,3 +159,49 @@ def test_tiles_without_tissue_are_skipped_with_identical_results(tmp_path, monke
     assert fast.cells.equals(full.cells) and fast.fibers.equals(full.fibers)
     for k, v in full.labels.items():
         assert np.array_equal(fast.labels[k], v), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("marker", ["CD163", "MHC-I"])
+def test_tiles_cropped_to_tissue_give_identical_results(tmp_path, monkeypatch, marker):
+    """Tiles on the edge of a section analyse only their read region within the overlap of
+    tissue; numbers, objects and overview equal those of the uncropped tiles."""
+    from biopsyquant import wsi
+
+    canvas = np.empty((1536, 1536, 3), np.uint8)
+    canvas[...] = section_rgb(marker, 11, 1536)[:8, :8].reshape(-1, 3).max(axis=0)  # glass
+    canvas[:640, :700] = section_rgb(marker, 11, 768)[:640, :700]
+    path = write_pyramid_jpeg(tmp_path / "edge.tif", canvas, 0.5, tile=256)
+    settings = load_settings(marker, overrides=OVERRIDES)
+
+    def run():
+        seen = []
+
+        def map_tiles(fn, tasks):
+            for t in tasks:
+                r = fn(t, slide=slide)
+                seen.append(r)
+                yield r
+
+        res = score_slide(slide, settings=settings, tiled=True, tile_size=512,
+                          map_tiles=map_tiles)
+        return res, seen
+
+    with open_slide(path) as slide:
+        crop, seen_crop = run()
+        monkeypatch.setattr(wsi, "_tissue_box", lambda tissue, task, margin: None)
+        full, seen_full = run()
+    px_crop = {r.index: r.pixels for r in seen_crop}
+    px_full = {r.index: r.pixels for r in seen_full}
+    assert any(0 < px_crop[i] < px_full[i] for i in px_full)  # some tiles were cropped
+    assert sum(px_crop.values()) < 0.9 * sum(px_full.values())
+    assert crop.summary["n_fibers"] > 20
+    for k, v in full.summary.items():
+        if isinstance(v, float) and np.isnan(v):
+            assert np.isnan(crop.summary[k]), k
+        else:
+            assert crop.summary[k] == v, k
+    assert crop.provenance["counts"] == full.provenance["counts"]
+    assert crop.cells.equals(full.cells) and crop.fibers.equals(full.fibers)
+    for k, v in full.labels.items():
+        assert np.array_equal(crop.labels[k], v), k
