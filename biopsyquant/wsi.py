@@ -465,7 +465,8 @@ def prepare_slide(
         tiles = [Tile(0, full, full)]
     polys = _load_exclusions(exclusions)
     levels, levels_from = None, None
-    if settings.scoring.segment_fibers:
+    # one piece: the piece's own statistics are the slide's (computed by segment_fibers)
+    if settings.scoring.segment_fibers and tiled:
         levels, levels_from = _slide_fiber_levels(
             slide, shape=shape, mpp=size_mpp, model=model, tissue_lowres=np.asarray(tissue, bool),
             scale=scale, exclusions=polys, settings=settings)
