@@ -74,7 +74,8 @@ class FiberParams:
         A thin line is a boundary only where its optical density differs from the surroundings
         by more than this fraction of the fiber-to-glass OD difference ...
     boundary_min_od : float
-        ... and by at least this many OD units (log10).
+        ... and by at least this many OD units (log10). 0.02 (0.03 before): the faint
+        endomysium between pale, tightly packed fibers stays a boundary (it merged fibers).
     boundary_noise : float
         ... and where its relative contrast exceeds this many times the image's median line
         response (the fiber grain): the strong threshold of a hysteresis.
@@ -107,7 +108,8 @@ class FiberParams:
         border, µm) than the neck between them (h of the h-maxima markers).
     merge_neck_ratio : float
         Two adjacent parts are merged back when their shared border is at least this fraction
-        of the smaller part's inscribed diameter.
+        of the smaller part's inscribed diameter (0.9; 0.75 before merged real neighbours whose
+        endomysium is only partly detected).
     min_solidity : float
         Fibers are convex-ish: objects with area / convex-hull area below this are dropped.
     max_hole_fraction : float
@@ -127,10 +129,9 @@ class FiberParams:
         this is > 0 the interstitium rule compares with a local fiber level, the mean DAB-free
         OD of the fiber-core pixels (those that pass the rule with the global level) under a
         Gaussian window of this σ (µm), wherever that exceeds the global level by more than
-        ``interstitium_local_margin`` (never lower than the global level). Default 0 (off):
-        50 µm raises the synthetic development grid (mean F1 0.927 -> 0.950, worst section
-        0.815 -> 0.892) but shifts two end-to-end fiber count / median-area checks; see
-        docs/_parts/fibers-validation.md.
+        ``interstitium_local_margin`` (never lower than the global level); 0 disables it.
+        Default 50 µm (since the pipeline-level round 2, together with ``boundary_min_od``
+        0.02 and ``merge_neck_ratio`` 0.9; see docs/_parts/fibers-validation.md).
     interstitium_local_margin : float
         Factor by which the local fiber level must exceed the global one to be used (the
         level used is local level / margin).
@@ -144,7 +145,9 @@ class FiberParams:
     dab_counterstain_fraction : float
         When DAB patches cover more than this fraction of the tissue, the "DAB" acts as a
         counterstain (nearly every fiber stained, or an H&E image read with an H-DAB model):
-        the DAB-specific rules are switched off and the total OD is used throughout.
+        the DAB-specific rules are switched off and the total OD is used throughout, except
+        that a pixel carrying most of the typical fiber's DAB-free OD is never "pale" (an
+        unstained fiber among DAB-filled ones).
     nucleus_min_od : float
         Hematoxylin OD (log10) above which a pixel belongs to a nucleus (fiber table).
     nucleus_min_area_um2, nucleus_max_area_um2 : float
@@ -165,7 +168,7 @@ class FiberParams:
     smoothing_um: float = 0.8
     endomysium_um: float = 6.0
     boundary_contrast: float = 0.1
-    boundary_min_od: float = 0.03
+    boundary_min_od: float = 0.02
     boundary_noise: float = 4.0
     boundary_weak: float = 0.6
     pale_line_weight: float = 1.0
@@ -177,13 +180,13 @@ class FiberParams:
     texture_um: float = 2.0
     hole_max_area_um2: float = 150.0
     split_depth_um: float = 3.5
-    merge_neck_ratio: float = 0.75
+    merge_neck_ratio: float = 0.9
     min_solidity: float = 0.75
     max_hole_fraction: float = 0.15
     grow_um: float = 4.0
     interstitium_ratio: float = 1.55
     interstitium_smoothing_um: float = 1.5
-    interstitium_local_um: float = 0.0
+    interstitium_local_um: float = 50.0
     interstitium_local_margin: float = 1.1
     dab_patch_od: float = 0.25
     dab_patch_smoothing_um: float = 2.0
@@ -283,6 +286,10 @@ def _downsample(img: np.ndarray, factor: float) -> np.ndarray:
     nh, nw = max(1, int(round(h / factor))), max(1, int(round(w / factor)))
     return cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
 
+
+#: counterstain mode: pixels whose DAB-free OD reaches this fraction of the way from the palest
+#: pixels to the typical fiber's are never "pale" (unstained fibers among DAB-filled ones)
+_UNSTAINED_FRACTION = 0.7
 
 #: statistics of the working image use at most this many pixels (a regular raster sample)
 _STAT_SAMPLE = 1 << 18
@@ -487,16 +494,20 @@ def _object_filter(lab: np.ndarray, dist: np.ndarray, *, min_area: float, max_ar
         if farea > area[i] * (1.0 + max_hole_fraction):
             keep[i] = False
             continue
-        pts = np.concatenate(cnts).reshape(-1, 2).astype(np.float32)
-        hull = cv2.convexHull(pts)
-        harea = cv2.contourArea(hull)
-        # contour area of pixel centres underestimates by ~ half the perimeter
-        harea += 0.5 * cv2.arcLength(hull, True) + 1.0
-        if area[i] / harea < min_solidity:
+        if _solidity(cnts, area[i]) < min_solidity:
             keep[i] = False
     lut = np.zeros(n + 1, np.int32)
     lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
     return lut[lab]
+
+
+def _solidity(cnts, area: float) -> float:
+    """Area / convex-hull area of an object given by its external contours."""
+    pts = np.concatenate(cnts).reshape(-1, 2).astype(np.float32)
+    hull = cv2.convexHull(pts)
+    # contour area of pixel centres underestimates by ~ half the perimeter
+    harea = cv2.contourArea(hull) + 0.5 * cv2.arcLength(hull, True) + 1.0
+    return float(area) / harea
 
 
 def _merge_shallow(lab: np.ndarray, height: np.ndarray, h: float) -> np.ndarray:
@@ -679,6 +690,9 @@ class FiberLevels:
     line_noise : tuple of 3 floats
         Median relative line response over tissue of the DAB-free, hematoxylin and pale-line
         maps (the grain that a boundary must stand out of).
+    level_free, ref_free : float or None
+        Counterstain mode only: typical fiber OD and palest OD of the DAB-free map (None
+        otherwise, and in levels saved before this field existed: the test is then skipped).
     """
 
     counterstain: bool
@@ -687,19 +701,25 @@ class FiberLevels:
     ref_t: float
     ref_c: float
     line_noise: tuple[float, float, float]
+    level_free: float | None = None
+    ref_free: float | None = None
 
     def to_dict(self) -> dict:
         return {"counterstain": bool(self.counterstain), "level_c": float(self.level_c),
                 "level_t": float(self.level_t), "ref_t": float(self.ref_t),
                 "ref_c": float(self.ref_c),
-                "line_noise": [float(v) for v in self.line_noise]}
+                "line_noise": [float(v) for v in self.line_noise],
+                "level_free": None if self.level_free is None else float(self.level_free),
+                "ref_free": None if self.ref_free is None else float(self.ref_free)}
 
     @classmethod
     def from_dict(cls, d: dict) -> FiberLevels:
         return cls(counterstain=bool(d["counterstain"]), level_c=float(d["level_c"]),
                    level_t=float(d["level_t"]), ref_t=float(d["ref_t"]),
                    ref_c=float(d["ref_c"]),
-                   line_noise=tuple(float(v) for v in d["line_noise"]))
+                   line_noise=tuple(float(v) for v in d["line_noise"]),
+                   level_free=None if d.get("level_free") is None else float(d["level_free"]),
+                   ref_free=None if d.get("ref_free") is None else float(d["ref_free"]))
 
 
 class _Work:
@@ -724,7 +744,11 @@ class _Work:
         """Stage 2: the DAB mode, then the smoothed maps and the tissue candidates."""
         params, wm = self.params, self.wm
         self.inter_ratio = params.interstitium_ratio
+        self.cs_free = None
         if self.has_dab and counterstain and self.patch is not None:
+            # the DAB-free OD still tells unstained fibers (pale on the total OD when nearly
+            # every other fiber is DAB-filled) from glass and pale interstitium
+            self.cs_free = _gauss(self.counter, params.smoothing_um / wm)
             # DAB-filled fibers are darker than connective tissue: no interstitium rule either
             self.counter, self.patch, self.inter_ratio = self.total, None, 0.0
         elif self.patch is not None and not self.patch.any():
@@ -792,6 +816,11 @@ def _levels(works: list[_Work], params: FiberParams) -> FiberLevels | None:
     level_t = max(float(np.median(_pooled(works, "ts", "smooth"))), 0.02)
     ref_t = min(float(np.percentile(_pooled(works, "ts", None), 1.0)), 0.5 * level_t)
     ref_c = min(float(np.percentile(_pooled(works, "cs", None), 1.0)), 0.5 * level_c)
+    level_free = ref_free = None
+    if all(w.cs_free is not None for w in works):
+        level_free = max(float(np.median(_pooled(works, "cs_free", "smooth"))), 0.02)
+        ref_free = min(float(np.percentile(_pooled(works, "cs_free", None), 1.0)),
+                       0.5 * level_free)
     noise = []
     for w in works:
         w.lines(level_t)
@@ -799,7 +828,8 @@ def _levels(works: list[_Work], params: FiberParams) -> FiberLevels | None:
         v = _pooled(works, lambda w, j=j: w.line_maps[j][1], "cand")
         noise.append(max(float(np.median(v)), 1e-4))
     return FiberLevels(counterstain=bool(counterstain), level_c=level_c, level_t=level_t,
-                       ref_t=ref_t, ref_c=ref_c, line_noise=tuple(noise))
+                       ref_t=ref_t, ref_c=ref_c, line_noise=tuple(noise),
+                       level_free=level_free, ref_free=ref_free)
 
 
 def _working_images(rgb: np.ndarray, mpp: float, model: StainModel, tissue: np.ndarray | None,
@@ -917,6 +947,11 @@ def _segment_working(total: np.ndarray, counter: np.ndarray, hema: np.ndarray,
     pale = ts < ref_t + params.pale_fraction * (level_t - ref_t)
     if cs is not ts:  # DAB-stained fibers: pale only if also pale in the DAB-free OD
         pale &= cs < ref_c + params.pale_fraction * (level_c - ref_c)
+    elif w.cs_free is not None and levels.level_free is not None:
+        # counterstain mode: an unstained fiber among DAB-filled ones is pale on the total OD
+        # but carries at least most of the typical fiber's DAB-free OD
+        pale &= w.cs_free < levels.ref_free + _UNSTAINED_FRACTION * (
+            levels.level_free - levels.ref_free)
     core = tissue & ~boundary & ~pale
     if inter_ratio > 0:
         c_int = _gauss(counter, params.interstitium_smoothing_um / wm)
