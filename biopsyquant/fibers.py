@@ -646,7 +646,10 @@ def segment_fibers(
     if model is None:
         model = _default_model(rgb)
     total, counter, hema, t_small, wm = _working_images(rgb, mpp, model, tissue, params)
-    lab = _segment_working(total, counter, hema, t_small, wm, params, levels)
+    work = _Work(total, counter, hema, t_small, wm, params)
+    del total, counter, hema  # the working object owns them (and releases them early)
+    lab = _segment_work(work, levels)
+    del work
     if lab.max() == 0:
         warnings.warn("segment_fibers: no muscle fibers found in the image "
                       f"(min_diameter_um={params.min_diameter_um:g}, mpp={mpp:g})",
@@ -761,23 +764,37 @@ class _Work:
         self.std = np.sqrt(np.maximum(var, 0))
         self.cand = self.tissue & (self.cs > 0.02)
 
-    def lines(self, level_t: float) -> None:
-        """Stage 3: the three line maps (absolute and relative contrast)."""
+    def line_map(self, j: int, level_t: float) -> tuple[np.ndarray, np.ndarray]:
+        """Stage 3: line map ``j`` (0 dark on the DAB-free OD, 1 dark on the hematoxylin OD,
+        2 pale on the total OD): absolute contrast and contrast relative to the local level
+        (one map at a time, so that only one pair is alive)."""
         params, wm = self.params, self.wm
         k = _disk(params.endomysium_um / wm / 2.0 + 0.5)
-        self.hs = _gauss(self.hema, params.smoothing_um / wm)
         sl = params.line_smoothing_um / wm
-        self.line_maps = []
-        for img, polarity in ((self.cs, 1), (self.hs, 1), (self.ts, -1)):
-            if polarity > 0:
-                ref = cv2.morphologyEx(img, cv2.MORPH_OPEN, k)
-                t = _gauss(img - ref, sl)
-            else:
-                ref = cv2.morphologyEx(img, cv2.MORPH_CLOSE, k)
-                t = _gauss(ref - img, sl)
-            # grain scales with the stain (DAB-filled fibers are grainier): relative contrast
-            rel = t / np.maximum(_gauss(ref, 2 * sl), np.float32(0.5 * level_t))
-            self.line_maps.append((t, rel))
+        if j == 0:
+            img, polarity = self.cs, 1
+        elif j == 1:
+            img, polarity = _gauss(self.hema, params.smoothing_um / wm), 1
+        else:
+            img, polarity = self.ts, -1
+        if polarity > 0:
+            ref = cv2.morphologyEx(img, cv2.MORPH_OPEN, k)
+            t = _gauss(img - ref, sl)
+        else:
+            ref = cv2.morphologyEx(img, cv2.MORPH_CLOSE, k)
+            t = _gauss(ref - img, sl)
+        # grain scales with the stain (DAB-filled fibers are grainier): relative contrast
+        rel = t / np.maximum(_gauss(ref, 2 * sl), np.float32(0.5 * level_t))
+        return t, rel
+
+
+def _line_noise(rels_cands) -> float:
+    """Median relative line response over tissue candidates (raster samples, pooled)."""
+    parts = [_sample(rel, cand) for rel, cand in rels_cands]
+    v = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    if v.size == 0:
+        v = np.concatenate([rel[cand] for rel, cand in rels_cands])
+    return max(float(np.median(v)), 1e-4)
 
 
 def _pooled(works: list[_Work], attr: str, mask_attr: str | None) -> np.ndarray:
@@ -797,8 +814,12 @@ def _pooled(works: list[_Work], attr: str, mask_attr: str | None) -> np.ndarray:
     return v
 
 
-def _levels(works: list[_Work], params: FiberParams) -> FiberLevels | None:
-    """Slide/image statistics from the working maps of one or more images (None: no tissue)."""
+def _levels(works: list[_Work], params: FiberParams, *, line_noise: bool = True
+            ) -> FiberLevels | None:
+    """Slide/image statistics from the working maps of one or more images (None: no tissue).
+
+    ``line_noise=False`` leaves the three line-noise levels NaN (the segmentation of a single
+    image computes each from its line map as it uses it)."""
     n_t = sum(w.tissue_px for w in works)
     counterstain = sum(w.patch_px for w in works) > params.dab_counterstain_fraction * n_t
     for w in works:
@@ -821,15 +842,31 @@ def _levels(works: list[_Work], params: FiberParams) -> FiberLevels | None:
         level_free = max(float(np.median(_pooled(works, "cs_free", "smooth"))), 0.02)
         ref_free = min(float(np.percentile(_pooled(works, "cs_free", None), 1.0)),
                        0.5 * level_free)
-    noise = []
-    for w in works:
-        w.lines(level_t)
-    for j in range(3):
-        v = _pooled(works, lambda w, j=j: w.line_maps[j][1], "cand")
-        noise.append(max(float(np.median(v)), 1e-4))
+    for w in works:  # statistics done: the texture map is no longer needed
+        w.std = w.smooth = None
+    noise = (math.nan,) * 3
+    if line_noise:  # pooled over the images, one line map of one image alive at a time
+        noise = tuple(_line_noise([(w.line_map(j, level_t)[1], w.cand) for w in works])
+                      if len(works) == 1 else
+                      _line_noise_streamed(works, j, level_t) for j in range(3))
     return FiberLevels(counterstain=bool(counterstain), level_c=level_c, level_t=level_t,
-                       ref_t=ref_t, ref_c=ref_c, line_noise=tuple(noise),
+                       ref_t=ref_t, ref_c=ref_c, line_noise=noise,
                        level_free=level_free, ref_free=ref_free)
+
+
+def _line_noise_streamed(works: list[_Work], j: int, level_t: float) -> float:
+    """:func:`_line_noise` of map ``j`` over several images, computing one image at a time."""
+    parts, fallback = [], []
+    for w in works:
+        rel = w.line_map(j, level_t)[1]
+        parts.append(_sample(rel, w.cand))
+        if parts[-1].size == 0:  # (only used when every image's sample is empty)
+            fallback.append(rel[w.cand])
+        del rel
+    v = np.concatenate(parts)
+    if v.size == 0:
+        v = np.concatenate(fallback)
+    return max(float(np.median(v)), 1e-4)
 
 
 def _working_images(rgb: np.ndarray, mpp: float, model: StainModel, tissue: np.ndarray | None,
@@ -909,18 +946,24 @@ def _segment_working(total: np.ndarray, counter: np.ndarray, hema: np.ndarray,
                      tissue: np.ndarray, wm: float, params: FiberParams,
                      levels: FiberLevels | None = None) -> np.ndarray:
     """Fiber labels on the working grid (pixel size ``wm`` µm)."""
+    return _segment_work(_Work(total, counter, hema, tissue, wm, params), levels)
+
+
+def _segment_work(w: _Work, levels: FiberLevels | None = None) -> np.ndarray:
+    """Fiber labels on the working grid of ``w``; releases ``w``'s maps as they are used."""
+    tissue, wm, params = w.tissue, w.wm, w.params
     if tissue.sum() < math.pi * (params.min_diameter_um / wm / 2) ** 2:
-        return np.zeros(total.shape, np.int32)
-    w = _Work(total, counter, hema, tissue, wm, params)
-    if levels is None:
-        levels = _levels([w], params)
+        return np.zeros(tissue.shape, np.int32)
+    own = levels is None
+    if own:
+        levels = _levels([w], params, line_noise=False)
         if levels is None:
-            return np.zeros(total.shape, np.int32)
+            return np.zeros(tissue.shape, np.int32)
     else:
         w.set_mode(levels.counterstain)
         if np.count_nonzero(w.cand) < 16:
-            return np.zeros(total.shape, np.int32)
-        w.lines(levels.level_t)
+            return np.zeros(tissue.shape, np.int32)
+        w.std = None
     counter, patch, inter_ratio = w.counter, w.patch, w.inter_ratio
     ts, cs = w.ts, w.cs
     level_c, level_t = levels.level_c, levels.level_t
@@ -928,17 +971,20 @@ def _segment_working(total: np.ndarray, counter: np.ndarray, hema: np.ndarray,
     # 1. thin structures darker or paler than their surroundings, in units of each map's
     #    own noise (fiber grain): dark lines on the DAB-free OD and on the hematoxylin OD
     #    (endomysium, nuclei), pale lines on the total OD (cracks, H&E endomysium); inside
-    #    DAB patches only the hematoxylin lines count
+    #    DAB patches only the hematoxylin lines count. One map at a time (memory).
     raw = np.zeros_like(ts)
     line = np.zeros_like(ts)
     weights = (1.0, 1.0, params.pale_line_weight)
-    for j, (t, rel) in enumerate(w.line_maps):
+    for j in range(3):
+        t, rel = w.line_map(j, level_t)
+        noise_j = _line_noise([(rel, w.cand)]) if own else levels.line_noise[j]
         if patch is not None and j != 1:
             t[patch] = 0
             rel[patch] = 0
         np.maximum(raw, t, out=raw)
-        np.maximum(line, rel * np.float32(weights[j] / levels.line_noise[j]), out=line)
-    w.line_maps = None
+        np.maximum(line, rel * np.float32(weights[j] / noise_j), out=line)
+        del t, rel
+    w.hema = w.cand = None
     # a boundary must stand out of the grain AND have a visible contrast
     line[raw < params.boundary_contrast * (level_t - ref_t)] = 0
     line[raw < params.boundary_min_od] = 0
@@ -959,6 +1005,10 @@ def _segment_working(total: np.ndarray, counter: np.ndarray, hema: np.ndarray,
                                          params.interstitium_local_um / wm,
                                          params.interstitium_local_margin)
         core &= c_int <= inter_ratio * inter_level
+        del c_int, inter_level
+    # what the steps below do not use is released (a tile's peak memory)
+    del counter, cs, patch
+    w.total = w.counter = w.cs = w.cs_free = w.patch = None
     core = _fill_small_holes(core, params.hole_max_area_um2 / wm**2) & tissue
     core = cv2.morphologyEx(core.astype(np.uint8), cv2.MORPH_OPEN, _disk(1)).astype(bool)
 
@@ -972,11 +1022,13 @@ def _segment_working(total: np.ndarray, counter: np.ndarray, hema: np.ndarray,
     peaks = core & (dsm >= cv2.dilate(dsm, np.ones((3, 3), np.uint8))) & (dsm > 0.5)
     nm, markers = cv2.connectedComponents(peaks.astype(np.uint8), connectivity=8)
     if nm <= 1:
-        return np.zeros(total.shape, np.int32)
+        return np.zeros(tissue.shape, np.int32)
     cores = watershed(-dsm, markers, mask=core)
+    del markers, peaks
     cores = _merge_shallow(cores, dsm, h)
+    del dsm
     if cores.max() == 0:
-        return np.zeros(total.shape, np.int32)
+        return np.zeros(tissue.shape, np.int32)
     cores = _merge_oversplit(cores, dist, params.merge_neck_ratio)
 
     # 3. grow cores to the fiber edge: watershed on edge strength, competing with a
@@ -984,6 +1036,7 @@ def _segment_working(total: np.ndarray, counter: np.ndarray, hema: np.ndarray,
     gx = cv2.Sobel(ts, cv2.CV_32F, 1, 0, ksize=3)
     gy = cv2.Sobel(ts, cv2.CV_32F, 0, 1, ksize=3)
     edge = np.sqrt(gx * gx + gy * gy) * np.float32(0.25) + raw
+    del gx, gy, raw
     far = cv2.distanceTransform((cores == 0).astype(np.uint8), cv2.DIST_L2, 5)
     grow_px = params.grow_um / wm
     bg_id = int(cores.max()) + 1
@@ -993,10 +1046,14 @@ def _segment_working(total: np.ndarray, counter: np.ndarray, hema: np.ndarray,
     lp = np.pad(line, 1, mode="edge")
     ridge = boundary & (((line >= lp[1:-1, :-2]) & (line >= lp[1:-1, 2:]))
                         | ((line >= lp[:-2, 1:-1]) & (line >= lp[2:, 1:-1])))
+    del lp, line
     region = far <= grow_px + 1.5  # only pixels near a core are flooded
     bg = (~tissue | pale | ridge | (far > grow_px)) & (cores == 0) & region
+    del far, ridge, boundary
     seeds[bg] = bg_id
+    del bg
     lab = watershed(edge, seeds, mask=region)
+    del edge, seeds, region
     lab[(lab == bg_id) | ~tissue] = 0
 
     r_min = params.min_diameter_um / wm / 2.0
