@@ -500,7 +500,6 @@ def _objects_sparse(hema, dab, mask, *, params, um, px_area_um2, split_kwargs, o
     hema_weight = None
     if params.split_by == "shape+hematoxylin":
         hema_weight = _split_intensity(params, hema, hema, um, hema_clipped=hema_c)
-    hsmooth = _d.gaussian(hema, 1.0 * um)
     kw = dict(params=params, um=um, px_area_um2=px_area_um2, split_kwargs=split_kwargs)
 
     def weight_for(det):
@@ -514,7 +513,7 @@ def _objects_sparse(hema, dab, mask, *, params, um, px_area_um2, split_kwargs, o
         cand = _cand_grid(hema.shape)
         dab_det = _det_map(dab, params=params, um=um, origin=origin, cand=cand,
                            threshold=params.dab_detection_threshold_od, mask=mask)
-        src = {"dab": dab, "hema": hema, "hmax": hsmooth, "dabc": dab_det}
+        src = {"dab": dab, "hema": hema, "dabc": dab_det}
         p1 = _pass_sparse(dab_det, mask, params.dab_detection_threshold_od, weight_for(dab_det),
                           trim=True, cand=cand, **kw)
         occ = np.zeros(hema.shape, np.uint8)
@@ -554,7 +553,7 @@ def _objects_sparse(hema, dab, mask, *, params, um, px_area_um2, split_kwargs, o
         det = _det_map(det, params=params, um=um, origin=origin,
                        clipped=hema_c if channel == "hematoxylin" else None, cand=cand,
                        threshold=params.detection_threshold_od, mask=mask)
-        src = {"dab": dab, "hema": hema, "hmax": hsmooth}
+        src = {"dab": dab, "hema": hema}
         if channel == "dab":
             src["dabc"] = det
         elif params.min_dab_contrast_od > 0:
@@ -562,6 +561,14 @@ def _objects_sparse(hema, dab, mask, *, params, um, px_area_um2, split_kwargs, o
         passes = _pass_sparse(det, mask, params.detection_threshold_od, weight_for(det),
                               trim=True, cand=cand, **kw)
     passes = [p for p in passes if len(p.lab)]
+    # the detection maps are done with: release them before the statistics' smoothed
+    # hematoxylin is made (a tile's peak memory)
+    hema_c = hema_weight = cand = None
+    if channel == "dab+hematoxylin":
+        del hdet, free
+    else:
+        del det
+    src["hmax"] = _d.gaussian(hema, 1.0 * um)
     has_c = "dabc" in src
     stats = [_piece_stats(p, src, np.float32(params.dab_threshold_1_od)) for p in passes]
     keys = ["count", "sum_x", "sum_y", "sum_dab", "sum_hema", "sum_dabpos", "dmax", "hmax"] + (
