@@ -92,12 +92,19 @@ class TileParams:
     assumed_mpp_unknown : float
         Pixel size (µm/px) assumed *only for object-size parameters* when the true pixel size
         is unknown; physical outputs (µm, mm², per mm²) are then reported as missing.
+    max_tile_read_px : int
+        Largest region (core + overlap on both sides, in level-0 pixels) a tile reads: the
+        core is made smaller when ``tile_size_px`` plus the overlap would exceed it (e.g. at
+        0.25 µm/px the 200 µm overlap is 800 px, and a 2048 core would read 13 Mpx). This is
+        what bounds a worker's memory (about 45 bytes per pixel read, plus ~0.35 GB of code)
+        whatever the pixel size. 0 = no cap.
     """
 
     tile_size_px: int = 2048
     overlap_um: float = 200.0
     max_whole_image_px: int = 16_000_000
     assumed_mpp_unknown: float = 0.5
+    max_tile_read_px: int = 8_400_000
 
 
 @dataclass(frozen=True)

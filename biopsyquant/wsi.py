@@ -141,6 +141,21 @@ def overlap_px(settings: Settings, mpp: float | None) -> int:
     return px + (px % 2)  # even: see plan_tiles
 
 
+def tile_core_px(settings: Settings, mpp: float | None, tile_size: int | None = None) -> int:
+    """Core edge (level-0 px, even) of the tiles of a slide.
+
+    ``tile_size`` (default ``tiling.tile_size_px``), made smaller when the core plus the
+    overlap on both sides would read more than ``tiling.max_tile_read_px`` pixels (memory is
+    set by the region read; at 0.25 µm/px the overlap alone is 1,600 px across).
+    """
+    size = int(tile_size or settings.tiling.tile_size_px)
+    cap_px = int(getattr(settings.tiling, "max_tile_read_px", 0) or 0)
+    if cap_px > 0:
+        edge = math.isqrt(cap_px) - 2 * overlap_px(settings, mpp)
+        size = min(size, max(256, edge - edge % 16))
+    return size + size % 2
+
+
 def needs_tiling(shape: tuple[int, int], settings: Settings, *, bound_to_tile: bool = False,
                  mpp: float | None = None, tile_size: int | None = None) -> bool:
     """True when an image of ``shape`` should be scored in tiles.
@@ -170,8 +185,7 @@ def needs_tiling(shape: tuple[int, int], settings: Settings, *, bound_to_tile: b
     if n > int(settings.tiling.max_whole_image_px):
         return True
     if bound_to_tile:
-        size = int(tile_size or settings.tiling.tile_size_px)
-        size += size % 2
+        size = tile_core_px(settings, mpp, tile_size)
         edge = size + 2 * overlap_px(settings, mpp)
         return n > edge * edge
     return False
@@ -457,7 +471,7 @@ def prepare_slide(
             "missing (give --mpp to fix)")
     if tiled is None:
         tiled = needs_tiling(shape, settings)
-    size = int(tile_size or settings.tiling.tile_size_px)
+    size = tile_core_px(settings, mpp, tile_size)
     if tiled:
         tiles = plan_tiles(shape, tile_size=size, overlap=overlap_px(settings, mpp))
     else:

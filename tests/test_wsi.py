@@ -132,9 +132,11 @@ def test_batch_tiles_images_larger_than_one_tile_read_region():
     assert needs_tiling((3000, 3000), s, bound_to_tile=True, mpp=0.5)
     assert not needs_tiling((2848, 2848), s, bound_to_tile=True, mpp=0.5)
     assert needs_tiling((2848, 2849), s, bound_to_tile=True, mpp=0.5)
-    # at 0.25 µm/px the overlap is 800 px: the read region is 3648²
-    assert not needs_tiling((3600, 3600), s, bound_to_tile=True, mpp=0.25)
-    assert needs_tiling((3600, 3600), s, bound_to_tile=True, mpp=0.25, tile_size=1024)
+    # at 0.25 µm/px the overlap is 800 px: a 2048 core would read 3648², over the read
+    # budget (tiling.max_tile_read_px 8.4 Mpx), so the core is 1296 and the region 2896²
+    assert not needs_tiling((2896, 2896), s, bound_to_tile=True, mpp=0.25)
+    assert needs_tiling((3600, 3600), s, bound_to_tile=True, mpp=0.25)
+    assert needs_tiling((2896, 2896), s, bound_to_tile=True, mpp=0.25, tile_size=1024)
     assert needs_tiling((5000, 5000), s)  # over max_whole_image_px either way
 
 
@@ -157,3 +159,20 @@ def test_fiber_level_windows_depend_on_the_slide_only():
     assert len(rows) > 1  # spread over the tissue, not one strip
     assert _levels_windows((20000, 20000), 0.5, np.zeros((200, 200), bool),
                            (100.0, 100.0)) == []
+
+
+def test_tile_core_is_capped_by_the_read_budget():
+    """The region a tile reads (core + 2 × overlap) stays within tiling.max_tile_read_px, so a
+    worker's memory is bounded whatever the pixel size (40× slides: overlap 800 px a side)."""
+    from biopsyquant.settings import load_settings
+    from biopsyquant.wsi import overlap_px, tile_core_px
+
+    st = load_settings("CD163")
+    assert tile_core_px(st, 0.5) == 2048  # 2048 + 2 × 400 = 2848 ≤ √8.4 Mpx
+    core = tile_core_px(st, 0.25)
+    edge = core + 2 * overlap_px(st, 0.25)
+    assert core % 16 == 0 and 1024 < core < 2048
+    assert edge * edge <= st.tiling.max_tile_read_px
+    assert tile_core_px(st, 0.25, tile_size=512) == 512  # smaller explicit sizes are kept
+    off = load_settings("CD163", overrides={"tiling.max_tile_read_px": 0})
+    assert tile_core_px(off, 0.25) == 2048
