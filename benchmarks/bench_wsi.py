@@ -49,7 +49,7 @@ def _mosaic_index(start: int, n: int, period: int) -> np.ndarray:
 
 
 def write_mosaic_slide(path: Path, src: np.ndarray, size: int, *, tissue_fraction: float = 1.0,
-                       glass=(236, 236, 238)) -> None:
+                       glass=(236, 236, 238), mpp: float = MPP) -> None:
     """Pyramidal JPEG-tiled TIFF of ``size``² from ``src`` (levels /1, /4, /16), tile by tile.
 
     ``tissue_fraction`` < 1: only a central square of that share of the slide area holds the
@@ -83,7 +83,7 @@ def write_mosaic_slide(path: Path, src: np.ndarray, size: int, *, tissue_fractio
                     t[~(rin[:, None] & cin[None, :])] = glass
                 yield t
 
-    r = 1e4 / MPP
+    r = 1e4 / mpp
     kw = {"photometric": "rgb", "tile": (TILE, TILE), "compression": "jpeg",
           "compressionargs": {"level": 90}, "dtype": np.uint8, "metadata": None}
     with tifffile.TiffWriter(path, bigtiff=True) as tw:
@@ -199,6 +199,8 @@ def main() -> None:
     ap.add_argument("--markers", nargs="+", default=DEFAULT_MARKERS)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--keep", help="folder to keep the generated slides in (default: temp)")
+    ap.add_argument("--mpp", type=float, default=MPP,
+                    help="pixel size of the generated slides (0.25 = a 40x scan)")
     ap.add_argument("--tissue-fraction", type=float, default=1.0,
                     help="share of the slide covered by tissue (default 1: all tissue, the "
                     "worst case; real slides are mostly glass, e.g. 0.25)")
@@ -222,20 +224,21 @@ def main() -> None:
         mpx = a.size * a.size / 1e6
         print(f"slides: {a.size}x{a.size} ({mpx:.0f} Mpx, tissue on {100 * a.tissue_fraction:g} "
               f"% of it), JPEG q90 tiles {TILE}, "
-              f"{MPP} µm/px, pyramid /1 /4 /16; scoring with {a.workers} worker processes "
+              f"{a.mpp} µm/px, pyramid /1 /4 /16; scoring with {a.workers} worker processes "
               f"{' '.join(a.overrides)}; "
               f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}", flush=True)
         rows = []
         for i, marker in enumerate(a.markers):
             tf = a.tissue_fraction
-            path = folder / (f"bench_{marker}.tif" if tf >= 1 else f"bench_{marker}_t{tf:g}.tif")
+            path = folder / (f"bench_{marker}" + (f"_t{tf:g}" if tf < 1 else "")
+                             + (f"_mpp{a.mpp:g}" if a.mpp != MPP else "") + ".tif")
             if not path.is_file():
                 t0 = time.perf_counter()
                 # seed by marker (not by position in --markers): the same slide every run
                 seed = 40 + (DEFAULT_MARKERS.index(marker) if marker in DEFAULT_MARKERS else i)
                 src = generate_section(marker=marker, seed=seed, shape=(SOURCE, SOURCE),
-                                       mpp=MPP).rgb
-                write_mosaic_slide(path, src, a.size, tissue_fraction=tf)
+                                       mpp=a.mpp).rgb
+                write_mosaic_slide(path, src, a.size, tissue_fraction=tf, mpp=a.mpp)
                 del src
                 print(f"  wrote {path.name} ({path.stat().st_size / 1e6:.0f} MB) in "
                       f"{time.perf_counter() - t0:.0f} s", flush=True)

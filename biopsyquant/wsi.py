@@ -269,7 +269,10 @@ class TileTask:
     settings: Settings
     stain_model: dict
     tile: Tile
-    tissue_crop: np.ndarray
+    #: the thumbnail tissue mask under the tile's read region, bit-packed (np.packbits): a
+    #: slide's tasks all wait in the driver, unpacked they took ~0.5 MB each
+    tissue_crop_bits: np.ndarray
+    tissue_crop_shape: tuple[int, int]
     tissue_crop_origin: tuple[int, int]          # (row, col) of the crop in the thumbnail
     lowres_scale: tuple[float, float]
     lowres_shape: tuple[int, int]
@@ -278,6 +281,12 @@ class TileTask:
     overview_ds: float
     fiber_class_column: str | None = None
     fiber_levels: dict | None = None
+
+    @property
+    def tissue_crop(self) -> np.ndarray:
+        """The thumbnail tissue mask under the tile's read region (bool, unpacked)."""
+        h, w = self.tissue_crop_shape
+        return np.unpackbits(self.tissue_crop_bits, count=h * w).reshape(h, w).view(bool)
 
 
 @dataclass
@@ -519,7 +528,8 @@ def tile_tasks(plan: SlidePlan, *, mpp_override: float | None = None) -> list[Ti
         c1 = int(_sample_index(x1 - 1, x1, sx, lw)[0]) + 1
         tasks.append(TileTask(
             path=plan.path, mpp_override=mpp_override, mpp=plan.mpp, settings=plan.settings, stain_model=model,
-            tile=t, tissue_crop=np.ascontiguousarray(plan.tissue_lowres[r0:r1, c0:c1]),
+            tile=t, tissue_crop_bits=np.packbits(plan.tissue_lowres[r0:r1, c0:c1], axis=None),
+            tissue_crop_shape=(r1 - r0, c1 - c0),
             tissue_crop_origin=(r0, c0), lowres_scale=plan.lowres_scale,
             lowres_shape=(lh, lw), exclusions=_polys_in_box(plan.exclusions, t.read),
             whole=not plan.tiled, overview_ds=plan.overview_ds, fiber_class_column=fiber_class,
