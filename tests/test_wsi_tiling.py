@@ -38,6 +38,20 @@ def _both(path, marker, overrides=OVERRIDES):
     return whole.summary, tiled.summary, whole, tiled
 
 
+def _run_tiled(slide, settings):
+    """Score ``slide`` in 512-px tiles, keeping every tile result."""
+    seen = []
+
+    def map_tiles(fn, tasks):
+        for t in tasks:
+            r = fn(t, slide=slide)
+            seen.append(r)
+            yield r
+
+    res = score_slide(slide, settings=settings, tiled=True, tile_size=512, map_tiles=map_tiles)
+    return res, seen
+
+
 def _close_count(a, b, rel=0.01):
     assert abs(a - b) <= rel * max(a, b), (a, b)
 
@@ -128,23 +142,10 @@ def test_tiles_without_tissue_are_skipped_with_identical_results(tmp_path, monke
     path = write_pyramid_jpeg(tmp_path / "margin.tif", canvas, 0.5, tile=256)
     settings = load_settings("IL-1b", overrides=OVERRIDES)
 
-    def run():
-        seen = []
-
-        def map_tiles(fn, tasks):
-            for t in tasks:
-                r = fn(t, slide=slide)
-                seen.append(r)
-                yield r
-
-        res = score_slide(slide, settings=settings, tiled=True, tile_size=512,
-                          map_tiles=map_tiles)
-        return res, seen
-
     with open_slide(path) as slide:
-        fast, seen_fast = run()
+        fast, seen_fast = _run_tiled(slide, settings)
         monkeypatch.setattr(wsi, "_skip_empty", lambda task, tissue: False)
-        full, seen_full = run()
+        full, seen_full = _run_tiled(slide, settings)
     assert len(seen_fast) == 9
     skipped = [r.index for r in seen_fast if r.pixels == 0]
     assert 8 in skipped and 0 not in skipped  # the glass corner, not the section's tile
@@ -174,23 +175,10 @@ def test_tiles_cropped_to_tissue_give_identical_results(tmp_path, monkeypatch, m
     path = write_pyramid_jpeg(tmp_path / "edge.tif", canvas, 0.5, tile=256)
     settings = load_settings(marker, overrides=OVERRIDES)
 
-    def run():
-        seen = []
-
-        def map_tiles(fn, tasks):
-            for t in tasks:
-                r = fn(t, slide=slide)
-                seen.append(r)
-                yield r
-
-        res = score_slide(slide, settings=settings, tiled=True, tile_size=512,
-                          map_tiles=map_tiles)
-        return res, seen
-
     with open_slide(path) as slide:
-        crop, seen_crop = run()
+        crop, seen_crop = _run_tiled(slide, settings)
         monkeypatch.setattr(wsi, "_tissue_box", lambda tissue, task, margin: None)
-        full, seen_full = run()
+        full, seen_full = _run_tiled(slide, settings)
     px_crop = {r.index: r.pixels for r in seen_crop}
     px_full = {r.index: r.pixels for r in seen_full}
     assert any(0 < px_crop[i] < px_full[i] for i in px_full)  # some tiles were cropped
