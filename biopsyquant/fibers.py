@@ -148,6 +148,21 @@ class FiberParams:
         the DAB-specific rules are switched off and the total OD is used throughout, except
         that a pixel carrying most of the typical fiber's DAB-free OD is never "pale" (an
         unstained fiber among DAB-filled ones).
+    isolated_max_area_um2 : float
+        Loose connective tissue (retracted perimysium) can pass every pixel rule and come out
+        as small "fibers": an object smaller than this (µm²) whose mean DAB-free OD is below
+        ``isolated_pale_ratio`` × the typical fiber level AND that touches other fibers along
+        less than ``isolated_max_contact`` of a ring ``endomysium_um`` wide around it is
+        dropped as connective tissue (0 disables the rule). Fibers are packed in fascicles; a
+        small, pale object with (almost) no fiber neighbour is perimysium. A small fiber with
+        neighbours, or one as dark as the fibers, is kept. Off in counterstain mode (the
+        DAB-free OD of an unstained fiber among DAB-filled ones is not comparable there).
+        Default 600 µm² (see docs/_parts/fibers-validation.md, "isolated pale objects").
+    isolated_pale_ratio : float
+        See ``isolated_max_area_um2`` (fraction of the image's or slide's fiber level).
+    isolated_max_contact : float
+        See ``isolated_max_area_um2`` (fraction of the ring's pixels that belong to other
+        fibers).
     nucleus_min_od : float
         Hematoxylin OD (log10) above which a pixel belongs to a nucleus (fiber table).
     nucleus_min_area_um2, nucleus_max_area_um2 : float
@@ -191,6 +206,9 @@ class FiberParams:
     dab_patch_od: float = 0.25
     dab_patch_smoothing_um: float = 2.0
     dab_counterstain_fraction: float = 0.5
+    isolated_max_area_um2: float = 600.0
+    isolated_pale_ratio: float = 0.9
+    isolated_max_contact: float = 0.15
     nucleus_min_od: float = 0.25
     nucleus_min_area_um2: float = 8.0
     nucleus_max_area_um2: float = 120.0
@@ -220,7 +238,8 @@ class FiberParams:
                      "internal_nucleus_depth_um", "edge_distance_um", "interstitium_ratio",
                      "interstitium_smoothing_um", "interstitium_local_um", "dab_patch_od",
                      "dab_patch_smoothing_um",
-                     "dab_counterstain_fraction"):
+                     "dab_counterstain_fraction", "isolated_max_area_um2",
+                     "isolated_pale_ratio", "isolated_max_contact"):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
                 raise InputError(f"FiberParams.{name} must be a number >= 0, got {v!r}")
@@ -1006,6 +1025,8 @@ def _segment_work(w: _Work, levels: FiberLevels | None = None) -> np.ndarray:
                                          params.interstitium_local_margin)
         core &= c_int <= inter_ratio * inter_level
         del c_int, inter_level
+    # the isolated-object rule needs the DAB-free OD (not in counterstain mode)
+    iso_od = cs if (params.isolated_max_area_um2 > 0 and w.cs_free is None) else None
     # what the steps below do not use is released (a tile's peak memory)
     del counter, cs, patch
     w.total = w.counter = w.cs = w.cs_free = w.patch = None
@@ -1067,7 +1088,49 @@ def _segment_work(w: _Work, levels: FiberLevels | None = None) -> np.ndarray:
         max_hole_fraction=params.max_hole_fraction,
         core=cores > 0, min_core_fraction=params.min_core_fraction,
     )
+    if iso_od is not None:
+        lab = _drop_isolated_pale(lab, iso_od, level_c, wm, params)
     return lab
+
+
+def _drop_isolated_pale(lab: np.ndarray, od: np.ndarray, level: float, wm: float,
+                        params: FiberParams) -> np.ndarray:
+    """Drop small objects paler than the fibers (mean ``od`` < ``isolated_pale_ratio`` ×
+    ``level``) that touch other objects along < ``isolated_max_contact`` of a ring
+    ``endomysium_um`` wide around them (loose connective tissue); sequential int32 labels."""
+    n = int(lab.max())
+    if n == 0:
+        return lab
+    idx = np.arange(1, n + 1)
+    area = np.bincount(lab.ravel(), minlength=n + 1)[1:] * wm**2
+    mean_od = np.asarray(ndi.mean(od, lab, idx), np.float64)
+    cand = (area < params.isolated_max_area_um2) & (mean_od < params.isolated_pale_ratio * level)
+    if not cand.any():
+        return lab
+    r = max(1, int(round(params.endomysium_um / wm)))
+    ring_k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    keep = np.ones(n + 1, bool)
+    keep[0] = False
+    slices = ndi.find_objects(lab)
+    h, w = lab.shape
+    for i in np.nonzero(cand)[0] + 1:
+        sl = slices[i - 1]
+        if sl is None:
+            continue
+        y0, x0 = max(sl[0].start - r - 1, 0), max(sl[1].start - r - 1, 0)
+        sub = lab[y0:min(sl[0].stop + r + 1, h), x0:min(sl[1].stop + r + 1, w)]
+        m = (sub == i).astype(np.uint8)
+        ring = cv2.dilate(m, ring_k).astype(bool) & (m == 0)
+        if not ring.any():
+            continue
+        contact = float(np.count_nonzero(sub[ring] > 0)) / float(np.count_nonzero(ring))
+        if contact < params.isolated_max_contact:
+            keep[i] = False
+    if keep[1:].all():
+        return lab
+    lut = np.zeros(n + 1, np.int32)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return lut[lab]
 
 
 # --------------------------------------------------------------------------- fiber table

@@ -192,6 +192,60 @@ def test_pale_fibers_below_the_glass_threshold_are_kept():
     assert r.f1 >= 0.92, r
 
 
+def test_isolated_pale_connective_tissue_objects_are_dropped():
+    """IL-1b seed 4 (JPEG 75): loose perimysium of a pale section passes the pixel rules and
+    came out as small "fibers" (9 false objects, 6 of them < 10 % on a true fiber). Small objects
+    paler than the fibers with almost no fiber neighbour are now dropped as connective tissue:
+    5 false objects, 2 off the fibers, and no true fiber lost (recall 1.0, F1 0.926 -> 0.957)."""
+    synthetic = pytest.importorskip("biopsyquant.synthetic")
+    from biopsyquant.score import prepare_stain_model
+    from biopsyquant.settings import load_settings
+
+    s = synthetic.generate_section(marker="IL-1b", seed=4, shape=(1024, 1024), mpp=0.5,
+                                   jpeg_quality=75)
+    model = prepare_stain_model(s.rgb, load_settings("IL-1b"))
+    lab = segment_fibers(s.rgb, mpp=s.mpp, model=model)
+    r = match_labels(lab, s.fibers)
+    n = int(lab.max())
+    on_fiber = np.bincount(lab.ravel(), weights=(s.fibers > 0).ravel(), minlength=n + 1)[1:] \
+        / np.bincount(lab.ravel(), minlength=n + 1)[1:]
+    assert np.count_nonzero(on_fiber < 0.1) <= 3, on_fiber
+    assert r.fp <= 6, r
+    assert r.recall >= 0.98, r
+    assert r.f1 >= 0.945, r
+
+
+def test_isolated_pale_rule_keeps_small_fibers_with_neighbours_and_dark_ones():
+    """The rule drops only objects that are small AND paler than the fiber level AND (almost)
+    without fiber neighbours: a small pale fiber inside a fascicle and a small isolated fiber
+    as dark as the others are kept (atrophic fibers)."""
+    from biopsyquant.fibers import _drop_isolated_pale
+
+    p = FiberParams()
+    lab = np.zeros((120, 200), np.int32)
+    od = np.full(lab.shape, 0.02, np.float32)
+    yy, xx = np.mgrid[0:120, 0:200]
+    disc = lambda cy, cx, r: (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r  # noqa: E731
+    lab[disc(30, 30, 10)] = 1   # small (314 µm² at 1 µm/px), pale, isolated: dropped
+    od[disc(30, 30, 10)] = 0.04
+    lab[disc(30, 120, 10)] = 2  # small, as dark as the fibers, isolated: kept
+    od[disc(30, 120, 10)] = 0.1
+    # small pale fiber packed among large ones (2 µm endomysium): kept
+    lab[60:120, 0:60] = 3
+    lab[60:120, 62:200] = 4
+    lab[62:78, 62:80] = 5
+    lab[62:78, 80:82] = 0
+    lab[78:80, 62:82] = 0
+    od[lab >= 3] = 0.1
+    od[lab == 5] = 0.04
+    out = _drop_isolated_pale(lab, od, 0.1, 1.0, p)
+    kept = {int(v) for v in np.unique(lab[out > 0])}
+    assert kept == {2, 3, 4, 5}, kept
+    # a smaller size limit leaves the pale isolated object alone
+    out = _drop_isolated_pale(lab, od, 0.1, 1.0, FiberParams(isolated_max_area_um2=300))
+    assert int(out.max()) == 5
+
+
 def test_local_interstitium_level_under_uneven_illumination():
     """CD163 seed 12 with 10 % illumination: fibers darkened by the vignetting exceed
     1.55 x the global fiber level and are cut away as interstitium (F1 0.857); the local
