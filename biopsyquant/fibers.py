@@ -148,6 +148,12 @@ class FiberParams:
         the DAB-specific rules are switched off and the total OD is used throughout, except
         that a pixel carrying most of the typical fiber's DAB-free OD is never "pale" (an
         unstained fiber among DAB-filled ones).
+    counterstain_free_lines : bool
+        In counterstain mode, look for dark boundary lines (endomysium) on the DAB-free OD
+        instead of the total OD: the DAB-dark rim of a DAB-filled fiber (sarcolemmal MHC-I)
+        is then not taken for the endomysium, so the fiber is no longer outlined inside its
+        rim. Default True (see docs/_parts/fibers-validation.md, "counterstain mode: boundary
+        lines on the DAB-free OD").
     isolated_max_area_um2 : float
         Loose connective tissue (retracted perimysium) can pass every pixel rule and come out
         as small "fibers": an object smaller than this (µm²) whose mean DAB-free OD is below
@@ -206,6 +212,7 @@ class FiberParams:
     dab_patch_od: float = 0.25
     dab_patch_smoothing_um: float = 2.0
     dab_counterstain_fraction: float = 0.5
+    counterstain_free_lines: bool = True
     isolated_max_area_um2: float = 600.0
     isolated_pale_ratio: float = 0.9
     isolated_max_contact: float = 0.15
@@ -791,7 +798,11 @@ class _Work:
         k = _disk(params.endomysium_um / wm / 2.0 + 0.5)
         sl = params.line_smoothing_um / wm
         if j == 0:
-            img, polarity = self.cs, 1
+            # counterstain mode: the endomysium is dark on the DAB-free OD, the stained rim of
+            # a DAB-filled fiber only on the total OD
+            img = self.cs_free if (self.cs_free is not None
+                                   and self.params.counterstain_free_lines) else self.cs
+            polarity = 1
         elif j == 1:
             img, polarity = _gauss(self.hema, params.smoothing_um / wm), 1
         else:
