@@ -328,17 +328,6 @@ def _sample(img: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return sub[mask[::step, ::step]] if mask is not None else sub.ravel()
 
 
-def _median(img: np.ndarray, mask: np.ndarray | None) -> float:
-    v = _sample(img, mask)
-    if v.size == 0:
-        v = img[mask] if mask is not None else img.ravel()
-    return float(np.median(v))
-
-
-def _percentile(img: np.ndarray, q: float) -> float:
-    return float(np.percentile(_sample(img, None), q))
-
-
 def _upsample_labels(lab: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour scaling of a label image to ``shape`` (pixel-centre aligned)."""
     if lab.shape == tuple(shape):
@@ -819,28 +808,27 @@ class _Work:
 
 
 def _line_noise(rels_cands) -> float:
-    """Median relative line response over tissue candidates (raster samples, pooled)."""
-    parts = [_sample(rel, cand) for rel, cand in rels_cands]
+    """Median relative line response over tissue candidates, pooled over images.
+
+    ``rels_cands`` yields (relative line map, candidate mask) pairs; each is sampled
+    (:func:`_sample`) and dropped before the next, so a generator keeps one map alive."""
+    parts, fallback = [], []
+    for rel, cand in rels_cands:
+        parts.append(_sample(rel, cand))
+        if parts[-1].size == 0:  # used only when every image's sample is empty
+            fallback.append(rel[cand])
     v = np.concatenate(parts) if parts else np.zeros(0, np.float32)
     if v.size == 0:
-        v = np.concatenate([rel[cand] for rel, cand in rels_cands])
+        v = np.concatenate(fallback)
     return max(float(np.median(v)), 1e-4)
 
 
 def _pooled(works: list[_Work], attr: str, mask_attr: str | None) -> np.ndarray:
     """Raster samples of one map over several images, concatenated (one image: _sample)."""
-    parts = []
-    for w in works:
-        img = getattr(w, attr) if isinstance(attr, str) else attr(w)
-        mask = getattr(w, mask_attr) if isinstance(mask_attr, str) else (
-            mask_attr(w) if mask_attr is not None else None)
-        parts.append(_sample(img, mask))
-    v = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    masks = [getattr(w, mask_attr) if mask_attr else None for w in works]
+    v = np.concatenate([_sample(getattr(w, attr), m) for w, m in zip(works, masks, strict=True)])
     if v.size == 0 and mask_attr is not None:  # sub-grid missed a tiny mask: all pixels
-        v = np.concatenate([
-            (getattr(w, attr) if isinstance(attr, str) else attr(w))[
-                getattr(w, mask_attr) if isinstance(mask_attr, str) else mask_attr(w)]
-            for w in works])
+        v = np.concatenate([getattr(w, attr)[m] for w, m in zip(works, masks, strict=True)])
     return v
 
 
@@ -876,27 +864,11 @@ def _levels(works: list[_Work], params: FiberParams, *, line_noise: bool = True
         w.std = w.smooth = None
     noise = (math.nan,) * 3
     if line_noise:  # pooled over the images, one line map of one image alive at a time
-        noise = tuple(_line_noise([(w.line_map(j, level_t)[1], w.cand) for w in works])
-                      if len(works) == 1 else
-                      _line_noise_streamed(works, j, level_t) for j in range(3))
+        noise = tuple(_line_noise((w.line_map(j, level_t)[1], w.cand) for w in works)
+                      for j in range(3))
     return FiberLevels(counterstain=bool(counterstain), level_c=level_c, level_t=level_t,
                        ref_t=ref_t, ref_c=ref_c, line_noise=noise,
                        level_free=level_free, ref_free=ref_free)
-
-
-def _line_noise_streamed(works: list[_Work], j: int, level_t: float) -> float:
-    """:func:`_line_noise` of map ``j`` over several images, computing one image at a time."""
-    parts, fallback = [], []
-    for w in works:
-        rel = w.line_map(j, level_t)[1]
-        parts.append(_sample(rel, w.cand))
-        if parts[-1].size == 0:  # (only used when every image's sample is empty)
-            fallback.append(rel[w.cand])
-        del rel
-    v = np.concatenate(parts)
-    if v.size == 0:
-        v = np.concatenate(fallback)
-    return max(float(np.median(v)), 1e-4)
 
 
 def _working_images(rgb: np.ndarray, mpp: float, model: StainModel, tissue: np.ndarray | None,
@@ -970,13 +942,6 @@ def fiber_levels(
         total, counter, hema, t_small, wm = _working_images(im, mpp, model, t, params)
         works.append(_Work(total, counter, hema, t_small, wm, params))
     return _levels(works, params)
-
-
-def _segment_working(total: np.ndarray, counter: np.ndarray, hema: np.ndarray,
-                     tissue: np.ndarray, wm: float, params: FiberParams,
-                     levels: FiberLevels | None = None) -> np.ndarray:
-    """Fiber labels on the working grid (pixel size ``wm`` µm)."""
-    return _segment_work(_Work(total, counter, hema, tissue, wm, params), levels)
 
 
 def _segment_work(w: _Work, levels: FiberLevels | None = None) -> np.ndarray:

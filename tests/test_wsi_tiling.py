@@ -52,6 +52,19 @@ def _run_tiled(slide, settings):
     return res, seen
 
 
+def _assert_identical(res, ref):
+    """Same summary (NaN = NaN), counts, object tables and label rasters."""
+    for k, v in ref.summary.items():
+        if isinstance(v, float) and np.isnan(v):
+            assert np.isnan(res.summary[k]), k
+        else:
+            assert res.summary[k] == v, k
+    assert res.provenance["counts"] == ref.provenance["counts"]
+    assert res.cells.equals(ref.cells) and res.fibers.equals(ref.fibers)
+    for k, v in ref.labels.items():
+        assert np.array_equal(res.labels[k], v), k
+
+
 def _close_count(a, b, rel=0.01):
     assert abs(a - b) <= rel * max(a, b), (a, b)
 
@@ -151,15 +164,7 @@ def test_tiles_without_tissue_are_skipped_with_identical_results(tmp_path, monke
     assert 8 in skipped and 0 not in skipped  # the glass corner, not the section's tile
     assert all(r.pixels > 0 for r in seen_full)
     assert fast.summary["positive_area_pct"] > 0.5 and fast.summary["n_fibers"] > 20
-    for k, v in full.summary.items():
-        if isinstance(v, float) and np.isnan(v):
-            assert np.isnan(fast.summary[k]), k
-        else:
-            assert fast.summary[k] == v, k
-    assert fast.provenance["counts"] == full.provenance["counts"]
-    assert fast.cells.equals(full.cells) and fast.fibers.equals(full.fibers)
-    for k, v in full.labels.items():
-        assert np.array_equal(fast.labels[k], v), k
+    _assert_identical(fast, full)
 
 
 @pytest.mark.slow
@@ -184,12 +189,4 @@ def test_tiles_cropped_to_tissue_give_identical_results(tmp_path, monkeypatch, m
     assert any(0 < px_crop[i] < px_full[i] for i in px_full)  # some tiles were cropped
     assert sum(px_crop.values()) < 0.9 * sum(px_full.values())
     assert crop.summary["n_fibers"] > 20
-    for k, v in full.summary.items():
-        if isinstance(v, float) and np.isnan(v):
-            assert np.isnan(crop.summary[k]), k
-        else:
-            assert crop.summary[k] == v, k
-    assert crop.provenance["counts"] == full.provenance["counts"]
-    assert crop.cells.equals(full.cells) and crop.fibers.equals(full.fibers)
-    for k, v in full.labels.items():
-        assert np.array_equal(crop.labels[k], v), k
+    _assert_identical(crop, full)
