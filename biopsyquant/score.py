@@ -190,6 +190,26 @@ def prepare_stain_model(rgb: np.ndarray, settings: Settings, *, stain_model: Sta
     return model
 
 
+def prepare_flat_field(rgb: np.ndarray, settings: Settings, *, mpp: float | None,
+                       stain_model: StainModel | None = None,
+                       shape: tuple[int, int] | None = None):
+    """Illumination field of an image or slide thumbnail (:mod:`biopsyquant.illumination`).
+
+    Not fitted (an identity field, reason recorded) when the background is fixed by a given
+    stain model or ``stains.background``: a fixed background was measured on the uncorrected
+    slide. ``mpp`` is the pixel size of ``rgb``; ``shape`` the level-0 shape it covers.
+    """
+    from .illumination import fit_flat_field, identity
+
+    full = shape or rgb.shape[:2]
+    if stain_model is not None or settings.stains.background:
+        return identity(full, "not fitted: the background is fixed (stain model or "
+                              "stains.background)")
+    size_mpp = float(mpp) if mpp else float(settings.tiling.assumed_mpp_unknown)
+    return fit_flat_field(rgb, mpp=size_mpp, params=settings.illumination, shape=full,
+                          tissue_params=settings.tissue)
+
+
 def _exclusion_mask(exclusions, shape: tuple[int, int], origin: tuple[int, int]) -> np.ndarray:
     if exclusions is None:
         return np.zeros(shape, bool)
@@ -386,6 +406,8 @@ def score_image(
     warn_list: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        flat = prepare_flat_field(rgb, settings, mpp=mpp_val, stain_model=stain_model)
+        rgb = flat.apply(rgb)
         model = prepare_stain_model(rgb, settings, stain_model=stain_model, tissue=tissue)
         t1 = time.perf_counter()
         ctx, meas, fibers, base = measure_image(
@@ -412,6 +434,7 @@ def score_image(
         "biopsyquant_version": __version__,
         "settings_digest": settings.digest(),
         "stain_model": model.to_dict(),
+        "illumination": flat.to_dict(),
         "mpp": mpp_val,
         "mpp_source": mpp_source,
         "path": str(path) if path else None,

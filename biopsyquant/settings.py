@@ -125,6 +125,7 @@ class ScoringParams:
 SECTIONS: dict[str, tuple[str, str]] = {
     "scoring": ("biopsyquant.settings", "ScoringParams"),
     "stains": ("biopsyquant.settings", "StainParams"),
+    "illumination": ("biopsyquant.illumination", "IlluminationParams"),
     "tissue": ("biopsyquant.tissue", "TissueParams"),
     "fibers": ("biopsyquant.fibers", "FiberParams"),
     "compartments": ("biopsyquant.compartments", "CompartmentParams"),

@@ -253,6 +253,9 @@ class SlidePlan:
     levels: int = 1
     fiber_levels: dict | None = None
     fiber_levels_from: dict | None = None
+    #: the slide's illumination field (:class:`biopsyquant.illumination.FlatField` as a dict),
+    #: fitted on the thumbnail and applied to every pixel read
+    flat_field: dict | None = None
 
     @property
     def overview_shape(self) -> tuple[int, int]:
@@ -281,6 +284,15 @@ class TileTask:
     overview_ds: float
     fiber_class_column: str | None = None
     fiber_levels: dict | None = None
+    flat_field: dict | None = None
+
+    def correct(self, rgb: np.ndarray, origin: tuple[int, int]) -> np.ndarray:
+        """``rgb`` (level-0 region at ``origin`` x, y) with the slide's flat field applied."""
+        if not self.flat_field or not self.flat_field.get("applied"):
+            return rgb
+        from .illumination import FlatField
+
+        return FlatField.from_dict(self.flat_field).apply(rgb, origin=origin)
 
     @property
     def tissue_crop(self) -> np.ndarray:
@@ -407,7 +419,7 @@ def _levels_windows(shape: tuple[int, int], mpp: float, tissue_lowres: np.ndarra
 
 def _slide_fiber_levels(slide, *, shape, mpp: float, model: StainModel,
                         tissue_lowres: np.ndarray, scale, exclusions: list,
-                        settings: Settings) -> tuple[dict | None, dict]:
+                        settings: Settings, flat=None) -> tuple[dict | None, dict]:
     """Fiber statistics of the slide (:func:`biopsyquant.fibers.fiber_levels`), given to
     every tile so that fiber segmentation does not depend on the tiling."""
     from .fibers import fiber_levels
@@ -418,7 +430,8 @@ def _slide_fiber_levels(slide, *, shape, mpp: float, model: StainModel,
     for box in boxes:
         x0, y0, x1, y1 = box
         path = str(slide.path) if getattr(slide, "path", None) else None
-        images.append(_read_rgb(slide, path, x0, y0, x1 - x0, y1 - y0))
+        im = _read_rgb(slide, path, x0, y0, x1 - x0, y1 - y0)
+        images.append(im if flat is None else flat.apply(im, origin=(x0, y0)))
         t = _region_tissue(tissue_lowres, scale, box)
         polys = _polys_in_box(exclusions, box)
         if polys:
@@ -472,7 +485,7 @@ def prepare_slide(
     -------
     SlidePlan
     """
-    from .score import prepare_stain_model
+    from .score import prepare_flat_field, prepare_stain_model
     from .tissue import detect_tissue
 
     t0 = time.perf_counter()
@@ -487,6 +500,12 @@ def prepare_slide(
         thumb = np.ascontiguousarray(thumb[..., :3])
         scale = (shape[0] / thumb.shape[0], shape[1] / thumb.shape[1])
         size_mpp = float(mpp) if mpp else float(settings.tiling.assumed_mpp_unknown)
+        # uneven illumination: fitted on the thumbnail's glass in level-0 coordinates, then
+        # applied to the thumbnail and to every region read (the same factor per pixel
+        # whatever the tiling)
+        flat = prepare_flat_field(thumb, settings, mpp=size_mpp * float(np.sqrt(scale[0] * scale[1])),
+                                  stain_model=stain_model, shape=shape)
+        thumb = flat.apply(thumb, scale=scale)
         model = prepare_stain_model(thumb, settings, stain_model=stain_model)
         tissue = detect_tissue(thumb, mpp=size_mpp * float(np.sqrt(scale[0] * scale[1])),
                                background=model.background, params=settings.tissue)
@@ -512,7 +531,8 @@ def prepare_slide(
     if settings.scoring.segment_fibers and tiled:
         levels, levels_from = _slide_fiber_levels(
             slide, shape=shape, mpp=size_mpp, model=model, tissue_lowres=np.asarray(tissue, bool),
-            scale=scale, exclusions=polys, settings=settings)
+            scale=scale, exclusions=polys, settings=settings,
+            flat=flat if flat.applied else None)
     ods = max(1.0, max(shape) / float(overview_px))
     oshape = (max(1, int(round(shape[0] / ods))), max(1, int(round(shape[1] / ods))))
     import cv2
@@ -528,7 +548,7 @@ def prepare_slide(
         overview_ds=float(ods), overview_rgb=overview, warnings=warn_list,
         seconds_prepare=time.perf_counter() - t0, fmt=str(getattr(slide, "format", "")),
         levels=len(getattr(slide, "levels", [None])),
-        fiber_levels=levels, fiber_levels_from=levels_from)
+        fiber_levels=levels, fiber_levels_from=levels_from, flat_field=flat.to_dict())
 
 
 def tile_tasks(plan: SlidePlan, *, mpp_override: float | None = None) -> list[TileTask]:
@@ -548,7 +568,7 @@ def tile_tasks(plan: SlidePlan, *, mpp_override: float | None = None) -> list[Ti
             tissue_crop_origin=(r0, c0), lowres_scale=plan.lowres_scale,
             lowres_shape=(lh, lw), exclusions=_polys_in_box(plan.exclusions, t.read),
             whole=not plan.tiled, overview_ds=plan.overview_ds, fiber_class_column=fiber_class,
-            fiber_levels=plan.fiber_levels))
+            fiber_levels=plan.fiber_levels, flat_field=plan.flat_field))
     return tasks
 
 
@@ -730,7 +750,7 @@ def _empty_tile(task: TileTask, slide, t0: float) -> TileResult:
 
     x0, y0, x1, y1 = task.tile.read
     ph, pw = min(_EMPTY_PATCH_PX, y1 - y0), min(_EMPTY_PATCH_PX, x1 - x0)
-    rgb = _read_rgb(slide, task.path, x0, y0, pw, ph)
+    rgb = task.correct(_read_rgb(slide, task.path, x0, y0, pw, ph), (x0, y0))
     warn_list: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -792,7 +812,7 @@ def measure_tile(task: TileTask, *, slide=None) -> TileResult:
         bx0, by0, bx1, by1 = cb
         tissue = tissue[by0:by1, bx0:bx1]
         x0, y0, w, h = rx0 + bx0, ry0 + by0, bx1 - bx0, by1 - by0
-    rgb = _read_rgb(slide, task.path, x0, y0, w, h)
+    rgb = task.correct(_read_rgb(slide, task.path, x0, y0, w, h), (x0, y0))
     model = StainModel.from_dict(task.stain_model)
     cx0, cy0, cx1, cy1 = task.tile.core
     if task.whole:
@@ -966,6 +986,7 @@ def merge_tiles(plan: SlidePlan, results: Iterable[TileResult], *, seconds: floa
         "stain_model": plan.stain_model.to_dict(),
         "stain_model_from": {"image": "thumbnail", "shape": list(plan.tissue_lowres.shape),
                              "downsample": [round(s, 4) for s in plan.lowres_scale]},
+        "illumination": plan.flat_field,
         "fiber_levels": plan.fiber_levels,
         "fiber_levels_from": plan.fiber_levels_from,
         "mpp": plan.mpp,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DOCS = HERE.parent
-ORDER = ["e2e", "slide", "stains", "synthetic", "fibers", "cells", "mhc", "pixels", "batch",
+ORDER = ["e2e", "slide", "stains", "illumination", "synthetic", "fibers", "cells", "mhc", "pixels", "batch",
          "compare"]
 
 HEADERS = {
