@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from biopsyquant.errors import InputError
+from biopsyquant.illumination import FlatField
 from biopsyquant.score import COMPARTMENT_NAMES, ScoreResult, score_image, summarize
 from biopsyquant.settings import Settings
 from biopsyquant.stains import stain_od
@@ -237,13 +238,16 @@ class ReviewSession:
         comp = res.labels.get("compartments")
         t1, t2, t3 = _grade_thresholds(self.settings)
         has_dab = "dab" in res.stain_model.names
+        # the stain model's background is that of the flat-field corrected slide: read the
+        # patch through the same correction
+        flat = FlatField.from_dict(res.provenance.get("illumination"), shape=self.shape)
         rows = []
         start = int(res.cells["cell_id"].max()) + 1 if len(res.cells) else 1
         for k, (x, y) in enumerate(self.added):
             xi, yi = int(round(x)), int(round(y))
             y0, y1 = max(0, yi - r), min(h, yi + r + 1)
             x0, x1 = max(0, xi - r), min(w, xi + r + 1)
-            patch = self._patch(x0, y0, x1, y1)
+            patch = flat.apply(self._patch(x0, y0, x1, y1), origin=(x0, y0))
             yy, xx = np.mgrid[y0:y1, x0:x1]
             disk = (yy - y) ** 2 + (xx - x) ** 2 <= r * r
             od = float(stain_od(patch, res.stain_model, "dab")[disk].mean()) if has_dab \
