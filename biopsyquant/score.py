@@ -429,7 +429,7 @@ def score_image(
             "missing (give --mpp to fix)")
     t2 = time.perf_counter()
     summary = {"slide": name, "marker": settings.marker, "mpp": mpp_val, "mpp_source": mpp_source,
-               **summary}
+               "flat_field_max_pct": round(flat.max_correction_pct(), 3), **summary}
     provenance = {
         "biopsyquant_version": __version__,
         "settings_digest": settings.digest(),

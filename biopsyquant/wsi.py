@@ -551,6 +551,12 @@ def prepare_slide(
         fiber_levels=levels, fiber_levels_from=levels_from, flat_field=flat.to_dict())
 
 
+def _flat(plan: SlidePlan):
+    from .illumination import FlatField
+
+    return FlatField.from_dict(plan.flat_field, shape=plan.shape)
+
+
 def tile_tasks(plan: SlidePlan, *, mpp_override: float | None = None) -> list[TileTask]:
     """One :class:`TileTask` per tile of ``plan`` (each carries only its crop of the tissue)."""
     lh, lw = plan.tissue_lowres.shape
@@ -978,7 +984,8 @@ def merge_tiles(plan: SlidePlan, results: Iterable[TileResult], *, seconds: floa
         if str(w.message) not in warn_list:
             warn_list.append(str(w.message))
     summary = {"slide": plan.name, "marker": plan.settings.marker, "mpp": plan.mpp,
-               "mpp_source": plan.mpp_source, **summary}
+               "mpp_source": plan.mpp_source,
+               "flat_field_max_pct": round(_flat(plan).max_correction_pct(), 3), **summary}
     tile_seconds = [r.seconds for r in results]
     provenance = {
         "biopsyquant_version": __version__,

@@ -78,6 +78,7 @@ def test_h_score_error_shrinks_with_the_correction(lit):
     assert on.provenance["illumination"]["applied"] is True
     assert off.provenance["illumination"]["applied"] is False
     assert "off" in off.provenance["illumination"]["reason"]
+    assert 5 < on.summary["flat_field_max_pct"] < 15 and off.summary["flat_field_max_pct"] == 0
 
 
 def test_no_correction_without_glass_or_without_a_gradient(flat):
@@ -176,5 +177,6 @@ def test_slide_whole_and_tiled_identical_with_correction(tmp_path, lit):
     assert whole.provenance["illumination"]["applied"] is True
     assert tiled.provenance["illumination"] == whole.provenance["illumination"]
     assert tiled.provenance["tiling"]["n_tiles"] == 4
+    assert tiled.summary["flat_field_max_pct"] == whole.summary["flat_field_max_pct"] > 0
     for k in ("positive_area_pct", "h_score", "dab_mean_od", "n_fibers"):
         assert tiled.summary[k] == whole.summary[k], k
