@@ -39,6 +39,15 @@ over the tissue; otherwise the slide is left as it is and the reason is recorded
 
 Scanners correct each camera field before stitching, so a whole-slide image is usually flat
 and the correction stays off ("flat"); it matters for camera images of single fields.
+
+**Blank-field reference.** Camera images can also be corrected with a picture of empty glass
+taken with the same microscope, objective, lamp and camera settings
+(``IlluminationParams.reference``: its path). It must have the image's shape. It is smoothed
+(Gaussian, ``reference_smoothing_pct`` of its diagonal, which removes dust and noise) and each
+pixel and channel is multiplied by ``B_min / B(x, y)`` (per channel: a lamp whose colour
+changes across the field is corrected too). This handles any shape of illumination — strong
+cos⁴ vignetting, elliptical or off-axis fields, seams — that the fitted model refuses. The
+reference's SHA-256 is recorded next to the results.
 """
 
 from __future__ import annotations
@@ -53,7 +62,7 @@ from numba import njit
 
 from .errors import InputError
 
-__all__ = ["IlluminationParams", "FlatField", "fit_flat_field"]
+__all__ = ["IlluminationParams", "FlatField", "fit_flat_field", "reference_flat_field"]
 
 #: the fit works on an image reduced to at most this many pixels along its longer side
 FIT_PX = 1024
@@ -88,6 +97,11 @@ class IlluminationParams:
         Largest standard error of the fitted field at any tissue block (0.004 ≈ 0.9 %).
     residual_floor_log10 : float
         Scatter assumed at least, for the standard error (0.002 ≈ 0.5 %).
+    reference : str
+        Path of a blank-field image (empty glass, same microscope and camera settings, same
+        shape as the images); when set it is used instead of the fit ("" = fit on the glass).
+    reference_smoothing_pct : float
+        Gaussian smoothing of the reference, in % of its diagonal.
     """
 
     flat_field: str = "auto"
@@ -100,6 +114,8 @@ class IlluminationParams:
     min_snr: float = 10.0
     max_se_log10: float = 0.004
     residual_floor_log10: float = 0.002
+    reference: str = ""
+    reference_smoothing_pct: float = 1.0
 
     def __post_init__(self) -> None:
         if self.flat_field not in ("auto", "off"):
@@ -108,7 +124,8 @@ class IlluminationParams:
         if self.block_px < 2:
             raise InputError(f"illumination.block_px must be at least 2, got {self.block_px}")
         for name in ("glass_margin_um", "min_range_log10", "max_range_log10",
-                     "max_residual_log10", "max_se_log10", "residual_floor_log10", "min_snr"):
+                     "max_residual_log10", "max_se_log10", "residual_floor_log10", "min_snr",
+                     "reference_smoothing_pct"):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
                 raise InputError(f"illumination.{name} must be a number >= 0, got {v!r}")
@@ -144,6 +161,9 @@ class FlatField:
     residual_log10: float = float("nan")
     se_max_log10: float = float("nan")
     range_log10: float = float("nan")
+    reference: str = ""
+    reference_sha256: str = ""
+    reference_smoothing_pct: float = 1.0
 
     # ------------------------------------------------------------------ geometry
     def _terms(self, start: int, stop: int, axis: int, scale: float = 1.0) -> np.ndarray:
@@ -192,8 +212,24 @@ class FlatField:
                              f"{rgb.dtype} {rgb.shape}")
         x0, y0 = int(origin[0]), int(origin[1])
         h, w = rgb.shape[:2]
-        fy, fx = self.factors((x0, y0, x0 + w, y0 + h), scale)
         out = np.empty_like(rgb)
+        if self.reference:
+            fmap = _reference_factors(self.reference, self.reference_sha256,
+                                      self.reference_smoothing_pct, self.shape)
+            if tuple(map(float, scale)) != (1.0, 1.0):
+                ys = np.minimum(((np.arange(y0, y0 + h) + 0.5) * scale[0]).astype(np.int64),
+                                self.shape[0] - 1)
+                xs = np.minimum(((np.arange(x0, x0 + w) + 0.5) * scale[1]).astype(np.int64),
+                                self.shape[1] - 1)
+                part = np.ascontiguousarray(fmap[ys][:, xs])
+            else:
+                part = np.ascontiguousarray(fmap[y0:y0 + h, x0:x0 + w])
+            if part.shape[:2] != (h, w):
+                raise InputError(f"flat-field reference {self.reference}: region x={x0} y={y0} "
+                                 f"{w}x{h} lies outside its {self.shape[1]}x{self.shape[0]} px")
+            _apply_map_kernel(rgb, part, out)
+            return out
+        fy, fx = self.factors((x0, y0, x0 + w, y0 + h), scale)
         _apply_kernel(rgb, fy, fx, out)
         return out
 
@@ -209,7 +245,8 @@ class FlatField:
         d = asdict(self)
         d["shape"] = [int(s) for s in self.shape]
         d["coef"] = [float(c) for c in self.coef]
-        d["model"] = "log10 L = k + a*u + b*v + c*(u^2+v^2), u=(x-W/2)/D, v=(y-H/2)/D"
+        d["model"] = ("blank-field reference image" if self.reference else
+                      "log10 L = k + a*u + b*v + c*(u^2+v^2), u=(x-W/2)/D, v=(y-H/2)/D")
         d["max_correction_pct"] = round(self.max_correction_pct(), 3)
         for k in ("residual_log10", "se_max_log10", "range_log10"):
             d[k] = None if not math.isfinite(d[k]) else float(d[k])
@@ -227,7 +264,10 @@ class FlatField:
                    n_glass_candidates=int(d.get("n_glass_candidates", 0)),
                    residual_log10=nan if d.get("residual_log10") is None else d["residual_log10"],
                    se_max_log10=nan if d.get("se_max_log10") is None else d["se_max_log10"],
-                   range_log10=nan if d.get("range_log10") is None else d["range_log10"])
+                   range_log10=nan if d.get("range_log10") is None else d["range_log10"],
+                   reference=str(d.get("reference", "")),
+                   reference_sha256=str(d.get("reference_sha256", "")),
+                   reference_smoothing_pct=float(d.get("reference_smoothing_pct", 1.0)))
 
 
 def _quad_min(lin: float, quad: float, n: int, d: float) -> float:
@@ -251,6 +291,99 @@ def _apply_kernel(rgb, fy, fx, out):  # pragma: no cover - compiled
             for c in range(3):
                 v = np.float32(rgb[y, x, c]) * f + np.float32(0.5)
                 out[y, x, c] = np.uint8(min(v, np.float32(255.0)))
+
+
+@njit(cache=True, nogil=True)
+def _apply_map_kernel(rgb, fmap, out):  # pragma: no cover - compiled
+    h, w = rgb.shape[0], rgb.shape[1]
+    for y in range(h):
+        for x in range(w):
+            for c in range(3):
+                v = np.float32(rgb[y, x, c]) * fmap[y, x, c] + np.float32(0.5)
+                out[y, x, c] = np.uint8(min(v, np.float32(255.0)))
+
+
+#: per-process cache of reference factor maps: (path, sha256, smoothing) -> float32 (H, W, 3)
+_REFERENCE_CACHE: dict[tuple, np.ndarray] = {}
+
+
+def _file_sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _reference_factors(path: str, sha256: str, smoothing_pct: float,
+                       shape: tuple[int, int]) -> np.ndarray:
+    """Factor map ``B_min / B`` (float32, (H, W, 3), each ≤ 1) of a blank-field image."""
+    key = (path, sha256, float(smoothing_pct))
+    fmap = _REFERENCE_CACHE.get(key)
+    if fmap is not None:
+        return fmap
+    from .slide import open_slide
+
+    if sha256 and _file_sha256(path) != sha256:
+        raise InputError(f"flat-field reference {path} changed since the slide was prepared "
+                         "(SHA-256 differs)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with open_slide(path) as ref:
+            blank = np.asarray(ref.read_level(0))[..., :3]
+    if blank.shape[:2] != tuple(shape):
+        raise InputError(f"flat-field reference {path} is {blank.shape[1]}x{blank.shape[0]} px "
+                         f"but the image is {shape[1]}x{shape[0]} px; take the blank with the "
+                         "same camera settings (same size)")
+    b = blank.astype(np.float32)
+    sigma = float(smoothing_pct) / 100 * math.hypot(*shape)
+    if sigma > 0.3:
+        b = cv2.GaussianBlur(b, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+    b = np.maximum(b, 1.0)
+    dark = b.reshape(-1, 3).mean(axis=0) < 100
+    if dark.any():
+        raise InputError(f"flat-field reference {path} is not an image of empty glass (mean "
+                         f"intensity below 100 in channel(s) {np.flatnonzero(dark).tolist()})")
+    fmap = (b.reshape(-1, 3).min(axis=0) / b).astype(np.float32)
+    if len(_REFERENCE_CACHE) >= 2:
+        _REFERENCE_CACHE.clear()
+    _REFERENCE_CACHE[key] = fmap
+    return fmap
+
+
+def reference_flat_field(path: str, *, shape: tuple[int, int],
+                         params: IlluminationParams | None = None) -> FlatField:
+    """Flat field of a blank-field reference image (see the module docstring).
+
+    Parameters
+    ----------
+    path : str
+        The blank image (any format :func:`biopsyquant.slide.open_slide` reads).
+    shape : (int, int)
+        Level-0 (rows, columns) of the image to correct; the reference must have it.
+    params : IlluminationParams, optional
+        ``reference_smoothing_pct`` is used.
+
+    Raises
+    ------
+    InputError
+        The file cannot be read, has another shape, or is not an image of empty glass.
+    """
+    params = params or IlluminationParams()
+    path = str(path)
+    try:
+        sha = _file_sha256(path)
+    except OSError as exc:
+        raise InputError(f"flat-field reference {path}: cannot read it ({exc.strerror or exc})"
+                         ) from None
+    fmap = _reference_factors(path, sha, params.reference_smoothing_pct, tuple(shape))
+    rng = float(np.log10(1.0 / float(fmap.min())))
+    return FlatField(shape=(int(shape[0]), int(shape[1])), applied=True,
+                     reason=f"corrected with the blank-field reference {path}",
+                     range_log10=rng, reference=path, reference_sha256=sha,
+                     reference_smoothing_pct=float(params.reference_smoothing_pct))
 
 
 def identity(shape: tuple[int, int], reason: str) -> FlatField:
@@ -297,6 +430,8 @@ def fit_flat_field(
     full = tuple(int(s) for s in (shape or rgb.shape[:2]))
     if params.flat_field == "off":
         return identity(full, "off (illumination.flat_field)")
+    if params.reference:
+        return reference_flat_field(params.reference, shape=full, params=params)
     h, w = rgb.shape[:2]
     f = max(1, math.ceil(max(h, w) / FIT_PX))
     small = rgb if f == 1 else cv2.resize(rgb, (max(1, w // f), max(1, h // f)),

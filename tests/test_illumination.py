@@ -180,3 +180,64 @@ def test_slide_whole_and_tiled_identical_with_correction(tmp_path, lit):
     assert tiled.summary["flat_field_max_pct"] == whole.summary["flat_field_max_pct"] > 0
     for k in ("positive_area_pct", "h_score", "dab_mean_od", "n_fibers"):
         assert tiled.summary[k] == whole.summary[k], k
+
+
+# ------------------------------------------------------------------ blank-field reference
+def _strong_field(h: int, w: int) -> np.ndarray:
+    """A cos⁴-like vignette (−25 % in the corners) with a 4 % colour cast across the field: no
+    member of the fitted family."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    r = np.hypot(xx - 0.55 * w, yy - 0.45 * h) / np.hypot(h, w)
+    g = np.cos(np.arctan(r * 1.3)) ** 4
+    return np.stack([g, g * (1 - 0.04 * xx / w), g * (1 - 0.02 * yy / h)], axis=2)
+
+
+def test_blank_reference_corrects_any_field(tmp_path, flat):
+    import tifffile
+
+    f = _strong_field(*SHAPE)
+    img = np.clip(flat.rgb * f + 0.5, 0, 255).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    blank = np.clip(np.asarray(flat.stain_model.background, np.float32) * f
+                    + rng.normal(0, 1.5, f.shape), 0, 255).astype(np.uint8)
+    path = tmp_path / "blank.tif"
+    tifffile.imwrite(path, blank)
+    params = IlluminationParams(reference=str(path))
+    ff = fit_flat_field(img, mpp=MPP, params=params)
+    assert ff.applied and ff.reference == str(path) and len(ff.reference_sha256) == 64
+    bright = flat.rgb.astype(np.int16).sum(axis=2) > 3 * 150
+    before = _log_ratio(img, flat.rgb, bright)
+    after = _log_ratio(ff.apply(img), flat.rgb, bright)
+    assert before.std() > 0.02
+    assert after.std() < 0.002, after.std()
+    # the glass-fitted model refuses this field rather than mis-correcting it
+    assert not fit_flat_field(img, mpp=MPP).applied
+    # tiles: the same pixels as the whole, also after a round trip through the provenance dict
+    back = FlatField.from_dict(ff.to_dict())
+    assert np.array_equal(back.apply(img[200:500, 100:600], origin=(100, 200)),
+                          ff.apply(img)[200:500, 100:600])
+    # end to end: scored through the settings, recorded in the provenance
+    from biopsyquant.score import score_image
+
+    r = score_image(img, settings=load_settings(
+        "IL-1b", overrides={"illumination.reference": str(path)}), mpp=MPP)
+    assert r.provenance["illumination"]["reference_sha256"] == ff.reference_sha256
+    assert r.summary["flat_field_max_pct"] > 20
+
+
+def test_blank_reference_errors_name_the_file(tmp_path, flat):
+    import tifffile
+
+    from biopsyquant.errors import InputError
+
+    small = tmp_path / "small.tif"
+    tifffile.imwrite(small, np.full((100, 120, 3), 235, np.uint8))
+    with pytest.raises(InputError, match=r"small\.tif is 120x100 px but the image is 768x768"):
+        fit_flat_field(flat.rgb, mpp=MPP, params=IlluminationParams(reference=str(small)))
+    dark = tmp_path / "dark.tif"
+    tifffile.imwrite(dark, np.full(SHAPE + (3,), 40, np.uint8))
+    with pytest.raises(InputError, match=r"dark\.tif is not an image of empty glass"):
+        fit_flat_field(flat.rgb, mpp=MPP, params=IlluminationParams(reference=str(dark)))
+    with pytest.raises(InputError, match=r"nothere\.tif: cannot read it"):
+        fit_flat_field(flat.rgb, mpp=MPP,
+                       params=IlluminationParams(reference=str(tmp_path / "nothere.tif")))
