@@ -308,13 +308,9 @@ _REFERENCE_CACHE: dict[tuple, np.ndarray] = {}
 
 
 def _file_sha256(path: str) -> str:
-    import hashlib
+    from ._batch_io import file_sha256
 
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 def _reference_factors(path: str, sha256: str, smoothing_pct: float,

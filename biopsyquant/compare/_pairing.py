@@ -6,7 +6,6 @@ The stages are pure functions on DataFrames; every row that is left out is recor
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -51,11 +50,9 @@ def is_id_column(name: str) -> bool:
 
 def file_sha256(path: Path) -> str:
     """SHA-256 hex digest of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from .._batch_io import file_sha256 as _sha
+
+    return _sha(path)
 
 
 def read_table(source: pd.DataFrame | str | Path, *, what: str) -> tuple[pd.DataFrame, str, dict]:
