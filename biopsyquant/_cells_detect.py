@@ -651,11 +651,41 @@ def object_stats(labels: np.ndarray, n: int, values: dict[str, np.ndarray],
 
 def nearest_label_at(labels: np.ndarray, rows: np.ndarray, cols: np.ndarray,
                      max_distance_px: float) -> np.ndarray:
-    """Label under or nearest (≤ ``max_distance_px``) to each point; 0 when none."""
+    """Label under or nearest (≤ ``max_distance_px``) to each point; 0 when none.
+
+    The result is that of ``cv2.distanceTransformWithLabels`` (L2, 5x5 chamfer mask, one
+    label per labelled pixel) read at the points, without the whole-image transform: each
+    point searches the labelled pixels around it ring by ring (a chamfer distance is never
+    below the chessboard distance), with the chamfer distance of every offset taken from the
+    transform of a single pixel. The transform sums its float32 steps in an order of its own,
+    so distances of two pixels may differ in the last bits from these; a point whose nearest
+    pixels of two labels (or whose distance and ``max_distance_px``) lie within that rounding
+    gets the answer of the labelled transform of a window around it, which is the
+    whole-image one there (the window reaches beyond every path shorter than the point's
+    distance).
+    """
     rows = np.asarray(rows, np.intp)
     cols = np.asarray(cols, np.intp)
     if len(rows) == 0 or not labels.any():
         return np.zeros(len(rows), np.int64)
+    k = max(labels.shape)
+    if np.isfinite(max_distance_px):
+        k = max(1, min(k, int(np.floor(max_distance_px)) + 2))
+    if k > _MAX_SEARCH_PX:  # far searches: one whole-image transform is cheaper
+        return _nearest_label_transform(labels, rows, cols, max_distance_px)
+    lab = np.ascontiguousarray(labels)
+    out, dist, amb = _nearest_label_search(lab, rows, cols, _chamfer_table(k), k)
+    far = dist > max_distance_px
+    amb |= np.abs(dist.astype(np.float64) - float(max_distance_px)) <= _tolerance(dist)
+    for i in np.flatnonzero(amb):
+        out[i], d = _window_label(lab, int(rows[i]), int(cols[i]), float(dist[i]))
+        far[i] = np.float32(d) > max_distance_px
+    out[far] = 0
+    return out
+
+
+def _nearest_label_transform(labels, rows, cols, max_distance_px):
+    """:func:`nearest_label_at` by the whole-image labelled transform (the reference)."""
     src = (labels == 0).view(np.uint8)
     dist, near = cv2.distanceTransformWithLabels(src, cv2.DIST_L2, cv2.DIST_MASK_5,
                                                  labelType=cv2.DIST_LABEL_PIXEL)
@@ -663,6 +693,92 @@ def nearest_label_at(labels: np.ndarray, rows: np.ndarray, cols: np.ndarray,
     out = obj[near[rows, cols]]
     out[dist[rows, cols] > max_distance_px] = 0
     return out
+
+
+#: largest search radius (px) of the ring search; the chamfer table is (2k+1)² float32
+_MAX_SEARCH_PX = 256
+_CHAMFER: dict[int, np.ndarray] = {}
+
+
+def _chamfer_table(k: int) -> np.ndarray:
+    """float32 (2k+1, 2k+1): the 5x5-mask chamfer distance of every offset (OpenCV's)."""
+    t = _CHAMFER.get(k)
+    if t is None:
+        src = np.ones((2 * k + 1, 2 * k + 1), np.uint8)
+        src[k, k] = 0
+        t = cv2.distanceTransform(src, cv2.DIST_L2, cv2.DIST_MASK_5)
+        _CHAMFER[k] = t
+    return t
+
+
+def _tolerance(d):
+    """Bound on the float32 rounding of a chamfer distance ``d`` (px) summed in any order
+    (at most ``d`` steps, each rounding by at most 2^-24 of the running sum), times 4."""
+    d = np.minimum(np.asarray(d, np.float64), 1e9)
+    return 1e-6 + 5e-7 * d * d
+
+
+def _window_label(labels: np.ndarray, r: int, c: int, dist: float) -> tuple[int, float]:
+    """(label, distance) of point (r, c) by the labelled transform of a window reaching past
+    ``dist``: a value there comes from paths no longer than itself, inside the window."""
+    w = int(np.ceil(dist + float(_tolerance(dist)))) + 4 if np.isfinite(dist) else \
+        max(labels.shape)
+    y0, x0 = max(0, r - w), max(0, c - w)
+    win = labels[y0:r + w + 1, x0:c + w + 1]
+    src = (win == 0).view(np.uint8)
+    dmap, near = cv2.distanceTransformWithLabels(src, cv2.DIST_L2, cv2.DIST_MASK_5,
+                                                 labelType=cv2.DIST_LABEL_PIXEL)
+    obj = np.concatenate([[0], win[win != 0]]).astype(np.int64)
+    return int(obj[near[r - y0, c - x0]]), float(dmap[r - y0, c - x0])
+
+
+@njit(cache=True, nogil=True)
+def _nearest_label_search(labels, rows, cols, table, k):  # pragma: no cover - numba
+    """Per point: label of the nearest labelled pixel within chessboard radius ``k`` by the
+    chamfer distances of ``table`` (0 / inf when none), and whether a pixel of another label
+    lies within the rounding tolerance of that distance (ambiguous)."""
+    h, w = labels.shape
+    n = len(rows)
+    out = np.zeros(n, np.int64)
+    dist = np.full(n, np.inf, np.float32)
+    amb = np.zeros(n, np.bool_)
+    for i in range(n):
+        r = rows[i]
+        c = cols[i]
+        if labels[r, c] != 0:
+            out[i] = labels[r, c]
+            dist[i] = 0.0
+            continue
+        d1 = np.inf  # nearest distance and its label
+        lab = 0
+        d2 = np.inf  # nearest distance of a pixel of another label (upper bound)
+        for ring in range(1, k + 1):
+            if ring > d1 + 1e-6 + 5e-7 * d1 * d1:
+                break
+            for y in range(r - ring, r + ring + 1):
+                if y < 0 or y >= h:
+                    continue
+                step = 1 if (y == r - ring or y == r + ring) else 2 * ring
+                for x in range(c - ring, c + ring + 1, step):
+                    if x < 0 or x >= w:
+                        continue
+                    v = labels[y, x]
+                    if v == 0:
+                        continue
+                    d = np.float64(table[y - r + k, x - c + k])
+                    if v == lab:
+                        if d < d1:
+                            d1 = d
+                    elif d < d1:
+                        d2 = min(d2, d1)
+                        d1 = d
+                        lab = v
+                    elif d < d2:
+                        d2 = d
+        out[i] = lab
+        dist[i] = d1
+        amb[i] = d2 < np.inf and d2 - d1 <= 1e-6 + 5e-7 * d2 * d2
+    return out, dist, amb
 
 
 # ----------------------------------------------------------------------------------------------

@@ -387,3 +387,43 @@ def test_background_subtract_matches_opencv_reference():
         ref = np.maximum(img - bg, 0)
         np.testing.assert_allclose(got, ref, atol=2e-6)
         assert (got > 0.01).mean() > 0.05  # not trivially zero
+
+
+def test_nearest_label_matches_the_whole_image_labelled_transform():
+    """The ring search gives the label and the distance cut-off of OpenCV's whole-image
+    labelled chamfer transform at every pixel, including exact ties between labels (resolved
+    by the transform's scan order) and pixels at the cut-off distance."""
+    from biopsyquant import _cells_detect as _d
+
+    rng = np.random.default_rng(7)
+    ties = 0
+    for trial in range(120):
+        h, w = (int(v) for v in rng.integers(5, 70, 2))
+        lab = np.zeros((h, w), np.int32)
+        if trial % 2:  # symmetric single pixels: many exact ties
+            y = int(rng.integers(0, h))
+            lab[y, 0], lab[y, w - 1], lab[0, w // 2], lab[h - 1, w // 2] = 1, 2, 3, 4
+        else:
+            for _ in range(int(rng.integers(1, 12))):
+                y, x = (int(v) for v in rng.integers(0, (h, w)))
+                lab[y:y + int(rng.integers(1, 6)), x:x + int(rng.integers(1, 6))] = \
+                    int(rng.integers(1, 9))
+        rr, cc = (a.ravel() for a in np.mgrid[0:h, 0:w])
+        for max_d in (2.0, 3.0, 10.5, 1e9):
+            ref = _d._nearest_label_transform(lab, rr, cc, max_d)
+            got = _d.nearest_label_at(lab, rr, cc, max_d)
+            np.testing.assert_array_equal(got, ref)
+        if trial % 2:
+            k = max(h, w)
+            _, _, amb = _d._nearest_label_search(lab, rr, cc, _d._chamfer_table(k), k)
+            ties += int(amb.sum())
+    assert ties > 100  # the window fallback was exercised
+    # fiber-like labels at a cell-detection distance, and a far search (whole-image path)
+    synthetic = pytest.importorskip("biopsyquant.synthetic")
+    sec = synthetic.generate_section(marker="CD163", seed=4, shape=(384, 384), mpp=0.5)
+    fib = np.ascontiguousarray(sec.fibers, np.int32)
+    assert fib.max() > 5
+    rr, cc = (a.ravel() for a in np.mgrid[0:384:3, 0:384:3])
+    for max_d in (40.0, 66.67, 400.0):
+        np.testing.assert_array_equal(_d.nearest_label_at(fib, rr, cc, max_d),
+                                      _d._nearest_label_transform(fib, rr, cc, max_d))
