@@ -210,21 +210,23 @@ def _find_vessels(fiber: np.ndarray, tissue: np.ndarray, bright: np.ndarray | No
         return vessel
     H, W = fiber.shape
     nonfiber_tissue = tissue & ~fiber
-    od_ref = float(np.median(od[nonfiber_tissue])) if od is not None and nonfiber_tissue.any() \
-        else 0.0
+    od_ref = None  # median OD of non-fiber tissue, computed when a lumen first needs it
     a_min = math.pi * (params.lumen_min_diameter_um / wm / 2) ** 2
     a_max = math.pi * (params.vessel_max_diameter_um / wm / 2) ** 2
-    for i in range(1, n):
-        x, y, w, h, area = stats[i]
-        if area < a_min or area > a_max:
-            continue
+    # the size tests of every component at once (the same float64 arithmetic as per lumen)
+    area_all = stats[:, cv2.CC_STAT_AREA]
+    r_all = np.sqrt(area_all / math.pi)
+    wall_all = np.maximum(np.maximum(params.wall_um / wm, params.wall_fraction * r_all), 1.0)
+    sized = (area_all >= a_min) & (area_all <= a_max) & \
+        ~(2 * (r_all + wall_all) * wm < params.vessel_min_diameter_um)
+    sized[0] = False
+    for i in np.flatnonzero(sized).tolist():
+        x, y, w, h, area = (int(v) for v in stats[i])
         at_border = x == 0 or y == 0 or x + w == W or y + h == H
         if at_border and not section[y:y + h, x:x + w][lab[y:y + h, x:x + w] == i].all():
             continue  # glass around the section, or a hole cut by the image border
         r_lumen = math.sqrt(area / math.pi)
         wall_px = max(params.wall_um / wm, params.wall_fraction * r_lumen, 1.0)
-        if 2 * (r_lumen + wall_px) * wm < params.vessel_min_diameter_um:
-            continue  # even the thickest wall would leave it capillary-sized
         pad = int(math.ceil(wall_px)) + 1
         y0, y1 = max(0, y - pad), min(H, y + h + pad)
         x0, x1 = max(0, x - pad), min(W, x + w + pad)
@@ -245,6 +247,8 @@ def _find_vessels(fiber: np.ndarray, tissue: np.ndarray, bright: np.ndarray | No
         if inner_wall.sum() < params.wall_min_tissue_fraction * n_ring:
             continue
         if od is not None:
+            if od_ref is None:
+                od_ref = _median_of(od, nonfiber_tissue)
             odc = od[y0:y1, x0:x1]
             if float(odc[inner_wall].mean()) < params.wall_min_od_ratio * od_ref:
                 continue  # a loose space in connective tissue, not a cellular wall
@@ -258,6 +262,13 @@ def _find_vessels(fiber: np.ndarray, tissue: np.ndarray, bright: np.ndarray | No
             continue
         vessel[y0:y1, x0:x1] |= lum | wall
     return vessel
+
+
+def _median_of(values: np.ndarray, where: np.ndarray) -> float:
+    """``float(np.median(values[where]))`` (0.0 when ``where`` is empty)."""
+    if not where.any():
+        return 0.0
+    return float(np.median(values[where]))
 
 
 def _fascicle_pockets(fiber: np.ndarray, wm: float, params: CompartmentParams) -> np.ndarray:
