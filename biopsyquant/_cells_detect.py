@@ -915,39 +915,41 @@ def _other_groups(group, boxes, b, out):  # pragma: no cover - numba
 @njit(cache=True, nogil=True)
 def _fill_atlas(det, weight, use_weight, mask, use_mask, group, block, boxes, at, threshold,
                 a_fg, a_det, a_w, a_crop):  # pragma: no cover - numba
-    w = det.shape[1]
-    xb = np.empty(w, np.int64)
-    for x in range(w):
-        xb[x] = x // block
     for i in range(boxes.shape[0]):
         y0, y1, x0, x1, gid = boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3], boxes[i, 4]
         ay0, ax0 = at[i, 0], at[i, 1]
         n = x1 - x0
+        bx0 = x0 // block
+        bx1 = (x1 - 1) // block + 1
         for y in range(y0, y1):
+            ay = ay0 + y - y0
+            # whole-row slice copies (vectorised), then the foreground on the runs of blocks
+            # of this group only
+            a_det[ay, ax0:ax0 + n] = det[y, x0:x1]
+            a_crop[ay, ax0:ax0 + n] = i + 1
+            if use_weight:
+                a_w[ay, ax0:ax0 + n] = weight[y, x0:x1]
             grow = group[y // block]
             drow = det[y]
-            arow = a_det[ay0 + y - y0]
-            frow = a_fg[ay0 + y - y0]
-            crow = a_crop[ay0 + y - y0]
-            for j in range(n):
-                arow[ax0 + j] = drow[x0 + j]
-                crow[ax0 + j] = i + 1
-            if use_weight:
-                wrow = weight[y]
-                awrow = a_w[ay0 + y - y0]
-                for j in range(n):
-                    awrow[ax0 + j] = wrow[x0 + j]
-            if use_mask:
-                mrow = mask[y]
-                for j in range(n):
-                    x = x0 + j
-                    if drow[x] > threshold and mrow[x] != 0 and grow[xb[x]] == gid:
-                        frow[ax0 + j] = 1
-            else:
-                for j in range(n):
-                    x = x0 + j
-                    if drow[x] > threshold and grow[xb[x]] == gid:
-                        frow[ax0 + j] = 1
+            frow = a_fg[ay]
+            mrow = mask[y]
+            bx = bx0
+            while bx < bx1:
+                if grow[bx] != gid:
+                    bx += 1
+                    continue
+                be = bx
+                while be < bx1 and grow[be] == gid:
+                    be += 1
+                xs = max(bx * block, x0)
+                xe = min(be * block, x1)
+                if use_mask:
+                    for x in range(xs, xe):
+                        frow[ax0 + x - x0] = (drow[x] > threshold) & (mrow[x] != 0)
+                else:
+                    for x in range(xs, xe):
+                        frow[ax0 + x - x0] = drow[x] > threshold
+                bx = be
 
 
 def fill_atlas(det: np.ndarray, weight: np.ndarray | None, mask: np.ndarray | None,
