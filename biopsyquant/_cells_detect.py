@@ -225,7 +225,9 @@ def _local_maxima(dist: np.ndarray, window_px: int, min_value: float) -> np.ndar
     window_px = max(3, int(window_px) | 1)
     k = cv2.getStructuringElement(cv2.MORPH_RECT, (window_px, window_px))
     dil = cv2.dilate(dist, k)
-    idx = np.flatnonzero((dist >= dil) & (dist >= min_value))
+    # np.flatnonzero((dist >= dil) & (dist >= min_value)) in one pass (float32 comparisons,
+    # as numpy compares a float32 array with a Python float)
+    idx = _maxima_index(dist, dil, np.float32(min_value))
     if len(idx) == 0:
         return np.zeros((0, 2), np.int64)
     ys, xs = np.divmod(idx, dist.shape[1])
@@ -247,6 +249,44 @@ def _local_maxima(dist: np.ndarray, window_px: int, min_value: float) -> np.ndar
     lv_sorted = lv[order]
     first = order[np.r_[True, lv_sorted[1:] != lv_sorted[:-1]]]
     return pts[first]
+
+
+@njit(cache=True, nogil=True)
+def _maxima_index(dist, dil, min_value):  # pragma: no cover - numba
+    """Flat indices (raster order) of pixels with ``dist >= dil`` and ``dist >= min_value``."""
+    h, w = dist.shape
+    n = 0
+    for y in range(h):
+        for x in range(w):
+            v = dist[y, x]
+            if v >= dil[y, x] and v >= min_value:
+                n += 1
+    out = np.empty(n, np.int64)
+    k = 0
+    for y in range(h):
+        for x in range(w):
+            v = dist[y, x]
+            if v >= dil[y, x] and v >= min_value:
+                out[k] = y * w + x
+                k += 1
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _capped_product(dist, cap, intensity):  # pragma: no cover - numba
+    """``np.minimum(dist, cap) * np.maximum(intensity, 0)`` (float32) in one pass, with
+    numpy's results: NaN propagates, ``maximum(-0.0, 0)`` is +0.0."""
+    h, w = dist.shape
+    out = np.empty((h, w), np.float32)
+    zero = np.float32(0.0)
+    for y in range(h):
+        for x in range(w):
+            a = dist[y, x]
+            m = a if (a <= cap or a != a) else cap
+            b = intensity[y, x]
+            q = b if (b > zero or b != b) else zero
+            out[y, x] = m * q
+    return out
 
 
 def _merge_groups(seeds: np.ndarray, dist: np.ndarray, comp: np.ndarray, max_sep_px: float,
@@ -310,7 +350,8 @@ def split_objects(fg: np.ndarray, *, min_diameter_px: float, max_diameter_px: fl
     if intensity is not None:
         # inside a large blob the distance transform alone would put one marker at its
         # centre: clip it at the smallest cell radius so that the stain (nuclei) decides
-        dist_s = np.minimum(dist_s, np.float32(0.5 * min_diameter_px)) * np.maximum(intensity, 0)
+        dist_s = _capped_product(dist_s, np.float32(0.5 * min_diameter_px),
+                                 np.asarray(intensity, np.float32))
     seeds = _local_maxima(dist_s, int(round(min_diameter_px)),
                           min_value=1e-6 if intensity is not None else 1.0)
     if len(seeds) == 0:
