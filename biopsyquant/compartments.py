@@ -175,13 +175,13 @@ def _opening_by_disk(mask: np.ndarray, radius_px: float) -> np.ndarray:
     inner = cv2.distanceTransform(m, cv2.DIST_L2, 5)[1:-1, 1:-1] > radius_px
     if not inner.any():
         return np.zeros_like(mask)
-    d = cv2.distanceTransform((~inner).astype(np.uint8), cv2.DIST_L2, 5)
+    d = cv2.distanceTransform((~inner).view(np.uint8), cv2.DIST_L2, 5)
     return (d <= radius_px + 0.5) & mask
 
 
 def _outside(tissue: np.ndarray, wm: float, params: CompartmentParams) -> np.ndarray:
     """Non-tissue regions that are the slide around the section (touch the border or huge)."""
-    n, lab, stats, _ = cv2.connectedComponentsWithStats((~tissue).astype(np.uint8),
+    n, lab, stats, _ = cv2.connectedComponentsWithStats((~np.asarray(tissue, bool)).view(np.uint8),
                                                         connectivity=8)
     if n <= 1:
         return np.zeros(tissue.shape, bool)
@@ -204,7 +204,7 @@ def _find_vessels(fiber: np.ndarray, tissue: np.ndarray, bright: np.ndarray | No
     section = tissue if section is None else section
     cand = ~tissue if bright is None else (~tissue | bright)
     cand &= ~fiber
-    n, lab, stats, _ = cv2.connectedComponentsWithStats(cand.astype(np.uint8), connectivity=8)
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(cand.view(np.uint8), connectivity=8)
     vessel = np.zeros(fiber.shape, bool)
     if n <= 1:
         return vessel
@@ -276,9 +276,11 @@ def _fascicle_pockets(fiber: np.ndarray, wm: float, params: CompartmentParams) -
     r = max(1, int(round(params.fiber_gap_close_um / wm)))
     k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
     pad = r + 1
-    closed = cv2.morphologyEx(np.pad(fiber.astype(np.uint8), pad), cv2.MORPH_CLOSE, k)
-    closed = closed[pad:-pad, pad:-pad].astype(bool)
-    n, lab, stats, _ = cv2.connectedComponentsWithStats((~closed).astype(np.uint8),
+    closed = cv2.morphologyEx(np.pad(np.asarray(fiber, bool).view(np.uint8), pad), cv2.MORPH_CLOSE,
+                              k)
+    # outside the closed fibers: 255, else 0 (the same components as a 0/1 image)
+    gaps = cv2.compare(closed[pad:-pad, pad:-pad], 0, cv2.CMP_EQ)
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(gaps,
                                                         connectivity=4)
     if n <= 1:
         return np.zeros(fiber.shape, bool)
@@ -386,14 +388,14 @@ def compartment_map(
         # cut thin bridges between a lumen and pale spaces of loose connective tissue
         r = max(1, int(round(2.0 / wm)))
         k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
-        bright = cv2.morphologyEx(bright.astype(np.uint8), cv2.MORPH_OPEN, k).astype(bool)
+        bright = cv2.morphologyEx(bright.view(np.uint8), cv2.MORPH_OPEN, k).view(bool)
 
     nonfiber = tis & ~fiber
     peri = _opening_by_disk(nonfiber, params.perimysium_min_width_um / wm / 2.0)
     if params.epimysium_um > 0:
         outside = _outside(tis, wm, params)
         if outside.any():
-            d_out = cv2.distanceTransform((~outside).astype(np.uint8), cv2.DIST_L2, 5)
+            d_out = cv2.distanceTransform((~outside).view(np.uint8), cv2.DIST_L2, 5)
             peri |= nonfiber & (d_out <= params.epimysium_um / wm)
     if params.endomysium_pocket_max_um2 > 0 and fiber.any():
         peri &= ~_fascicle_pockets(fiber, wm, params)
@@ -401,14 +403,13 @@ def compartment_map(
                            od_w, wm, params, section=tis)
     perivasc = np.zeros(ws, bool)
     if vessel.any() and params.perivascular_width_um > 0:
-        d = cv2.distanceTransform((~vessel).astype(np.uint8), cv2.DIST_L2, 5)
+        d = cv2.distanceTransform((~vessel).view(np.uint8), cv2.DIST_L2, 5)
         perivasc = (d <= params.perivascular_width_um / wm) & nonfiber & ~vessel
 
     # the three zones back to the input grid in one 3-channel resize (as _resize_mask per
     # zone: channels are interpolated independently), then one pass writes the codes
-    zones = np.empty((*ws, 3), np.uint8)
-    for c, z in enumerate((peri, vessel, perivasc)):
-        np.multiply(z, np.uint8(255), out=zones[..., c])
+    zones = _zones_u8(np.ascontiguousarray(peri), np.ascontiguousarray(vessel),
+                      np.ascontiguousarray(perivasc))
     if half:
         # INTER_LINEAR up by exactly 2 samples at (Y + 0.5) / 2 - 0.5: weights 9/16, 3/16,
         # 3/16, 1/16, so a 0/255 mask reaches 128 iff the nearest pixel (Y // 2) is set
@@ -417,6 +418,19 @@ def compartment_map(
         interp = cv2.INTER_AREA if shape[0] < ws[0] else cv2.INTER_LINEAR
         zones = cv2.resize(zones, (shape[1], shape[0]), interpolation=interp)
     return _compose_codes(fiber_labels, tissue, zones)
+
+
+@njit(cache=True, nogil=True)
+def _zones_u8(peri, vessel, perivasc):
+    """(H, W, 3) uint8: 255 where perimysium / vessel / perivascular (one pass)."""
+    h, w = peri.shape
+    out = np.empty((h, w, 3), np.uint8)
+    for y in range(h):
+        for x in range(w):
+            out[y, x, 0] = 255 if peri[y, x] else 0
+            out[y, x, 1] = 255 if vessel[y, x] else 0
+            out[y, x, 2] = 255 if perivasc[y, x] else 0
+    return out
 
 
 @njit(cache=True, nogil=True)
