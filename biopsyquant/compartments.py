@@ -204,7 +204,8 @@ def _find_vessels(fiber: np.ndarray, tissue: np.ndarray, bright: np.ndarray | No
     section = tissue if section is None else section
     cand = ~tissue if bright is None else (~tissue | bright)
     cand &= ~fiber
-    n, lab, stats, _ = cv2.connectedComponentsWithStats(cand.view(np.uint8), connectivity=8)
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(np.asarray(cand, bool).view(np.uint8),
+                                                        connectivity=8)
     vessel = np.zeros(fiber.shape, bool)
     if n <= 1:
         return vessel
