@@ -718,6 +718,8 @@ def nearest_label_at(labels: np.ndarray, rows: np.ndarray, cols: np.ndarray,
     out, dist, amb = _nearest_label_search(lab, rows, cols, _chamfer_table(k), k)
     far = dist > max_distance_px
     amb |= np.abs(dist.astype(np.float64) - float(max_distance_px)) <= _tolerance(dist)
+    if np.count_nonzero(amb) > _MAX_WINDOWS:  # many ties: one whole-image transform
+        return _nearest_label_transform(labels, rows, cols, max_distance_px)
     for i in np.flatnonzero(amb):
         out[i], d = _window_label(lab, int(rows[i]), int(cols[i]), float(dist[i]))
         far[i] = np.float32(d) > max_distance_px
@@ -738,6 +740,8 @@ def _nearest_label_transform(labels, rows, cols, max_distance_px):
 
 #: largest search radius (px) of the ring search; the chamfer table is (2k+1)² float32
 _MAX_SEARCH_PX = 256
+#: most points resolved by a window transform before one whole-image transform is cheaper
+_MAX_WINDOWS = 400
 _CHAMFER: dict[int, np.ndarray] = {}
 
 

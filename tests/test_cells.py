@@ -427,3 +427,15 @@ def test_nearest_label_matches_the_whole_image_labelled_transform():
     for max_d in (40.0, 66.67, 400.0):
         np.testing.assert_array_equal(_d.nearest_label_at(fib, rr, cc, max_d),
                                       _d._nearest_label_transform(fib, rr, cc, max_d))
+
+
+def test_nearest_label_with_many_ties_uses_the_whole_image_transform(monkeypatch):
+    from biopsyquant import _cells_detect as _d
+
+    lab = np.zeros((60, 61), np.int32)
+    lab[:, 0], lab[:, -1] = 1, 2  # every pixel of the middle column is a tie
+    rr, cc = (a.ravel() for a in np.mgrid[0:60, 0:61])
+    ref = _d._nearest_label_transform(lab, rr, cc, 40.0)
+    np.testing.assert_array_equal(_d.nearest_label_at(lab, rr, cc, 40.0), ref)
+    monkeypatch.setattr(_d, "_MAX_WINDOWS", 10)
+    np.testing.assert_array_equal(_d.nearest_label_at(lab, rr, cc, 40.0), ref)
