@@ -85,6 +85,16 @@ class FiberParams:
     pale_line_weight : float
         Weight of lines paler than their surroundings (cracks, H&E endomysium) relative to
         darker lines (hematoxylin endomysium, nuclei, DAB rims).
+    pale_line_free_fraction : float
+        A crack is pale on every stain; the gap between two DAB granules of a fiber is pale
+        only on the total OD. With DAB (outside counterstain mode) a pale line whose contrast
+        on the DAB-free OD is below this fraction of its total-OD contrast is DAB texture and
+        not a boundary (0 disables the test). Default 0.3 (see
+        docs/_parts/fibers-validation.md, "granular DAB").
+    pale_line_patch_gap_um : float
+        ... except within this distance (µm) of a DAB patch: beside a DAB-filled fiber or a
+        sarcolemmal DAB rim the endomysium is pale on the total OD only (4 µm; at 0-3 µm the
+        MHC-I outlines moved into the rim and % positive fell by up to 3 points).
     line_smoothing_um : float
         Gaussian σ (µm) applied to the line responses.
     min_core_fraction : float
@@ -142,6 +152,17 @@ class FiberParams:
         neither cut a fiber nor count as interstitium (0 disables the rule).
     dab_patch_smoothing_um : float
         Gaussian σ (µm) of the DAB map for ``dab_patch_od``.
+    dab_granule_um : float
+        Inside DAB patches the hematoxylin lines still separate fibers, but granular
+        sarcoplasmic DAB leaks into the unmixed hematoxylin (stain-vector error, JPEG chroma)
+        and draws false lines through the fiber along its granules. A hematoxylin line is
+        ignored where the DAB (smoothed over ``smoothing_um``) is darker than its mean under a
+        Gaussian window of this σ (µm), i.e. on a granule; the endomysium between two stained
+        fibers lies in a DAB valley and is kept (0 disables the rule). Default 2 µm (see
+        docs/_parts/fibers-validation.md, "granular DAB").
+    dab_granule_inset_um : float
+        The granule test applies only this far (µm) inside a DAB patch, so that the
+        sarcolemmal DAB rim at a patch edge (MHC-I) keeps the endomysium line beside it.
     dab_counterstain_fraction : float
         When DAB patches cover more than this fraction of the tissue, the "DAB" acts as a
         counterstain (nearly every fiber stained, or an H&E image read with an H-DAB model):
@@ -212,7 +233,11 @@ class FiberParams:
     dab_patch_od: float = 0.25
     dab_patch_smoothing_um: float = 2.0
     dab_counterstain_fraction: float = 0.5
+    dab_granule_um: float = 2.0
+    dab_granule_inset_um: float = 2.0
     counterstain_free_lines: bool = True
+    pale_line_free_fraction: float = 0.3
+    pale_line_patch_gap_um: float = 4.0
     isolated_max_area_um2: float = 600.0
     isolated_pale_ratio: float = 0.9
     isolated_max_contact: float = 0.15
@@ -244,7 +269,8 @@ class FiberParams:
                      "nucleus_min_od", "nucleus_min_area_um2", "nucleus_max_area_um2",
                      "internal_nucleus_depth_um", "edge_distance_um", "interstitium_ratio",
                      "interstitium_smoothing_um", "interstitium_local_um", "dab_patch_od",
-                     "dab_patch_smoothing_um",
+                     "dab_patch_smoothing_um", "dab_granule_um", "dab_granule_inset_um",
+                     "pale_line_free_fraction", "pale_line_patch_gap_um",
                      "dab_counterstain_fraction", "isolated_max_area_um2",
                      "isolated_pale_ratio", "isolated_max_contact"):
             v = getattr(self, name)
@@ -796,15 +822,41 @@ class _Work:
             img, polarity = _gauss(self.hema, params.smoothing_um / wm), 1
         else:
             img, polarity = self.ts, -1
-        if polarity > 0:
-            ref = cv2.morphologyEx(img, cv2.MORPH_OPEN, k)
-            t = _gauss(img - ref, sl)
-        else:
-            ref = cv2.morphologyEx(img, cv2.MORPH_CLOSE, k)
-            t = _gauss(ref - img, sl)
-        # grain scales with the stain (DAB-filled fibers are grainier): relative contrast
-        rel = t / np.maximum(_gauss(ref, 2 * sl), np.float32(0.5 * level_t))
-        return t, rel
+        return _line_response(img, polarity, k, sl, level_t)
+
+    def pale_crosstalk(self, t: np.ndarray, level_t: float) -> np.ndarray | None:
+        """Pixels of the pale-line map ``t`` (total OD) that are DAB texture, not boundaries:
+        a crack is pale on every stain, a gap between DAB granules only on the total OD, so
+        a pale line whose DAB-free contrast is below ``pale_line_free_fraction`` of its
+        total-OD contrast is ignored. None when the rule does not apply (off, no DAB,
+        counterstain mode)."""
+        params, wm = self.params, self.wm
+        if params.pale_line_free_fraction <= 0 or self.cs is self.ts:
+            return None
+        k = _disk(params.endomysium_um / wm / 2.0 + 0.5)
+        t_free = _line_response(self.cs, -1, k, params.line_smoothing_um / wm, level_t)[0]
+        out = t_free < np.float32(params.pale_line_free_fraction) * t
+        if self.patch is not None and params.pale_line_patch_gap_um > 0:
+            # beside a DAB-filled fiber or a DAB rim the endomysium is pale on the total OD
+            # only: those lines are kept
+            out &= ~cv2.dilate(self.patch.astype(np.uint8),
+                               _disk(params.pale_line_patch_gap_um / wm)).astype(bool)
+        return out
+
+
+def _line_response(img: np.ndarray, polarity: int, k: np.ndarray, sl: float,
+                   level_t: float) -> tuple[np.ndarray, np.ndarray]:
+    """Top-hat line response of ``img`` (dark lines: polarity 1, pale: -1), absolute and
+    relative to the local level."""
+    if polarity > 0:
+        ref = cv2.morphologyEx(img, cv2.MORPH_OPEN, k)
+        t = _gauss(img - ref, sl)
+    else:
+        ref = cv2.morphologyEx(img, cv2.MORPH_CLOSE, k)
+        t = _gauss(ref - img, sl)
+    # grain scales with the stain (DAB-filled fibers are grainier): relative contrast
+    rel = t / np.maximum(_gauss(ref, 2 * sl), np.float32(0.5 * level_t))
+    return t, rel
 
 
 def _line_noise(rels_cands) -> float:
@@ -970,12 +1022,22 @@ def _segment_work(w: _Work, levels: FiberLevels | None = None) -> np.ndarray:
     raw = np.zeros_like(ts)
     line = np.zeros_like(ts)
     weights = (1.0, 1.0, params.pale_line_weight)
+    granule = _dab_granules(w, patch) if patch is not None else None
     for j in range(3):
         t, rel = w.line_map(j, level_t)
         noise_j = _line_noise([(rel, w.cand)]) if own else levels.line_noise[j]
         if patch is not None and j != 1:
             t[patch] = 0
             rel[patch] = 0
+        elif patch is not None and granule is not None:
+            t[granule] = 0
+            rel[granule] = 0
+        if j == 2:
+            crosstalk = w.pale_crosstalk(t, level_t)
+            if crosstalk is not None:
+                t[crosstalk] = 0
+                rel[crosstalk] = 0
+                del crosstalk
         np.maximum(raw, t, out=raw)
         np.maximum(line, rel * np.float32(weights[j] / noise_j), out=line)
         del t, rel
@@ -1067,6 +1129,21 @@ def _segment_work(w: _Work, levels: FiberLevels | None = None) -> np.ndarray:
     if iso_od is not None:
         lab = _drop_isolated_pale(lab, iso_od, level_c, wm, params)
     return lab
+
+
+def _dab_granules(w: _Work, patch: np.ndarray) -> np.ndarray | None:
+    """Pixels of DAB patches where the DAB is darker than its surroundings (granules): a
+    hematoxylin line there is unmixing crosstalk of the granule, not endomysium (which lies in
+    a DAB valley between stained fibers). None when the rule is off."""
+    params, wm = w.params, w.wm
+    if params.dab_granule_um <= 0:
+        return None
+    dab = _gauss(w.total - w.counter, params.smoothing_um / wm)
+    inner = patch
+    if params.dab_granule_inset_um > 0:
+        inner = cv2.erode(patch.astype(np.uint8), _disk(params.dab_granule_inset_um / wm)
+                          ).astype(bool)
+    return inner & (dab > _gauss(dab, params.dab_granule_um / wm))
 
 
 def _drop_isolated_pale(lab: np.ndarray, od: np.ndarray, level: float, wm: float,
