@@ -6,7 +6,8 @@ The section is a generated CD163 section (2048 x 2048 at 0.5 µm/px, 300 cells/m
 cluster) mirrored 2 x 2 to the requested size. Prints, for ``detect_cells`` on precomputed OD
 maps (the part this module owns) and for the whole ``cells.measure`` step with colour
 deconvolution: median seconds, Mpx/s, cells/s, and the peak memory of the Python-side numpy
-allocations (tracemalloc) per pixel, plus a GaussianBlur reference to judge machine load.
+allocations (tracemalloc) per pixel, plus a GaussianBlur reference to judge machine load, and the cell -> nearest fiber lookup
+(``fiber_id``) by the ring search against the whole-image labelled transform it replaced.
 
 ``detect_cells`` is timed twice, alternating: the default sparse evaluation and
 ``sparse=False`` (the detection chain over the whole image, the pre-2026-11-22 algorithm),
@@ -25,21 +26,24 @@ import tracemalloc
 import numpy as np
 
 
-def _section(size: int, marker: str) -> tuple[np.ndarray, np.ndarray, float]:
+def _mirror(a: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.concatenate([a, a[:, ::-1]], axis=1),
+                           np.concatenate([a[::-1], a[::-1, ::-1]], axis=1)], axis=0)
+
+
+def _section(size: int, marker: str
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     from biopsyquant.synthetic import generate_section
 
     half = (size + 1) // 2
     sec = generate_section(marker=marker, seed=7, shape=(half, half), mpp=0.5,
                            cells_per_mm2=300.0 if marker == "CD163" else 0.0, n_clusters=1,
                            jpeg_quality=85)
-    rgb = np.concatenate([
-            np.concatenate([sec.rgb, sec.rgb[:, ::-1]], axis=1),
-            np.concatenate([sec.rgb[::-1], sec.rgb[::-1, ::-1]], axis=1)], axis=0)
-    tissue = np.concatenate([
-        np.concatenate([sec.tissue, sec.tissue[:, ::-1]], axis=1),
-        np.concatenate([sec.tissue[::-1], sec.tissue[::-1, ::-1]], axis=1)], axis=0)
+    rgb = _mirror(sec.rgb)
+    tissue = _mirror(sec.tissue)
+    fibers = _mirror(np.asarray(sec.fibers, np.int32))
     return (np.ascontiguousarray(rgb[:size, :size]), np.ascontiguousarray(tissue[:size, :size]),
-            sec.mpp)
+            np.ascontiguousarray(fibers[:size, :size]), sec.mpp)
 
 
 def main() -> None:
@@ -55,7 +59,7 @@ def main() -> None:
 
     settings = load_settings(args.marker)
     t = time.perf_counter()
-    rgb, tissue, mpp = _section(args.size, args.marker)
+    rgb, tissue, fib, mpp = _section(args.size, args.marker)
     print(f"section {rgb.shape[1]}x{rgb.shape[0]} generated in {time.perf_counter() - t:.1f} s; "
           f"os.cpu_count()={os.cpu_count()}, load average {os.getloadavg()[0]:.1f}")
     model = estimate_stains(rgb, tissue_mask=tissue)
@@ -132,6 +136,28 @@ def main() -> None:
     c2 = float(np.median(ccpu))
     print(f"deconvolve + cells.measure: median {s2:.2f} s wall -> {mpx / s2:.1f} Mpx/s, "
           f"{n / s2:,.0f} cells/s; {c2:.2f} s CPU -> {mpx / c2:.1f} Mpx/s per CPU-second")
+
+    # the cell -> fiber link of cells.measure (fiber_id): ring search vs the whole-image
+    # labelled distance transform it replaces (same answer required)
+    from biopsyquant import _cells_detect as _d
+
+    r = np.clip(np.rint(tables[True]["y_px"].to_numpy()).astype(np.intp), 0, fib.shape[0] - 1)
+    c = np.clip(np.rint(tables[True]["x_px"].to_numpy()).astype(np.intp), 0, fib.shape[1] - 1)
+    max_d = settings.cells.cell_max_diameter_um / mpp
+    times = {"ring search": [], "whole-image transform": []}
+    for _ in range(args.repeat):
+        for name, fn in (("ring search", _d.nearest_label_at),
+                         ("whole-image transform", _d._nearest_label_transform)):
+            t = time.process_time()
+            got = fn(fib, r, c, max_d)
+            times[name].append(time.process_time() - t)
+            if name == "ring search":
+                ring = got
+            else:
+                ok = np.array_equal(ring, got)
+    print("nearest fiber of each cell: " + ", ".join(
+        f"{k} {1000 * float(np.median(v)):.1f} ms CPU" for k, v in times.items())
+        + f" ({len(r)} cells; identical: {ok})")
 
 
 if __name__ == "__main__":
