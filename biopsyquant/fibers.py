@@ -89,8 +89,11 @@ class FiberParams:
         A crack is pale on every stain; the gap between two DAB granules of a fiber is pale
         only on the total OD. With DAB (outside counterstain mode) a pale line whose contrast
         on the DAB-free OD is below this fraction of its total-OD contrast is DAB texture and
-        not a boundary (0 disables the test). Default 0.3 (see
-        docs/_parts/fibers-validation.md, "granular DAB").
+        not a boundary (0 disables the test). Default 0 (off): 0.3 lifts the IL-1 grid (e.g.
+        IL-1Ra seed 12 at expression 0.5, F1 0.931 -> 0.974) but its outlines expose a
+        tile-dependent vessel decision in ``compartments`` (wall OD against the median of
+        the piece being mapped), so whole-slide and tiled results differed; see
+        docs/_parts/fibers-validation.md, "granular DAB".
     pale_line_patch_gap_um : float
         ... except within this distance (µm) of a DAB patch: beside a DAB-filled fiber or a
         sarcolemmal DAB rim the endomysium is pale on the total OD only (4 µm; at 0-3 µm the
@@ -236,7 +239,7 @@ class FiberParams:
     dab_granule_um: float = 2.0
     dab_granule_inset_um: float = 2.0
     counterstain_free_lines: bool = True
-    pale_line_free_fraction: float = 0.3
+    pale_line_free_fraction: float = 0.0
     pale_line_patch_gap_um: float = 4.0
     isolated_max_area_um2: float = 600.0
     isolated_pale_ratio: float = 0.9
