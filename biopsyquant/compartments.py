@@ -195,7 +195,7 @@ def _outside(tissue: np.ndarray, wm: float, params: CompartmentParams) -> np.nda
 
 def _find_vessels(fiber: np.ndarray, tissue: np.ndarray, bright: np.ndarray | None,
                   od: np.ndarray | None, wm: float, params: CompartmentParams,
-                  section: np.ndarray | None = None) -> np.ndarray:
+                  section: np.ndarray | None = None, od_ref: float | None = None) -> np.ndarray:
     """Vessel mask (lumen + wall) on the working grid.
 
     ``tissue`` is the stained tissue (bright pixels removed), ``section`` the analysed
@@ -211,7 +211,7 @@ def _find_vessels(fiber: np.ndarray, tissue: np.ndarray, bright: np.ndarray | No
         return vessel
     H, W = fiber.shape
     nonfiber_tissue = tissue & ~fiber
-    od_ref = None  # median OD of non-fiber tissue, computed when a lumen first needs it
+    # median OD of non-fiber tissue: given (the slide's), else computed when a lumen needs it
     a_min = math.pi * (params.lumen_min_diameter_um / wm / 2) ** 2
     a_max = math.pi * (params.vessel_max_diameter_um / wm / 2) ** 2
     # the size tests of every component at once (the same float64 arithmetic as per lumen)
@@ -294,38 +294,10 @@ def _fascicle_pockets(fiber: np.ndarray, wm: float, params: CompartmentParams) -
     return keep[lab]
 
 
-def compartment_map(
-    fiber_labels: np.ndarray,
-    tissue: np.ndarray,
-    *,
-    mpp: float,
-    hema_od: np.ndarray | None = None,
-    dab_od: np.ndarray | None = None,
-    rgb: np.ndarray | None = None,
-    params: CompartmentParams | None = None,
-) -> np.ndarray:
-    """Compartment code of every pixel (uint8, codes in the module docstring).
-
-    Parameters
-    ----------
-    fiber_labels : ndarray of int, shape (H, W)
-        Fiber labels (0 = not a fiber), e.g. from :func:`biopsyquant.fibers.segment_fibers`.
-    tissue : ndarray of bool, shape (H, W)
-        Analysed tissue (exclusions removed). Pixels outside are code 0 unless they are a
-        vessel lumen.
-    mpp : float
-        Pixel size, µm per pixel.
-    hema_od, dab_od : ndarray of float, shape (H, W), optional
-        Hematoxylin and DAB OD (log10); where their sum is below ``lumen_max_od`` a pixel is
-        glass-bright (vessel lumens inside the tissue mask).
-    rgb : ndarray of uint8, shape (H, W, 3), optional
-        Used for the brightness test when ``hema_od`` is not given (OD against white).
-    params : CompartmentParams, optional
-
-    Returns
-    -------
-    ndarray of uint8, shape (H, W)
-    """
+def _working_maps(fiber_labels, tissue, *, mpp, hema_od=None, dab_od=None, rgb=None,
+                  params: CompartmentParams | None = None):
+    """Checked inputs on the working grid: (working shape, working µm/px, exact-half flag,
+    fiber mask, tissue mask, blurred OD or None, glass-bright mask or None, labels, tissue)."""
     params = CompartmentParams() if params is None else params
     fiber_labels = np.asarray(fiber_labels)
     tissue = np.asarray(tissue)
@@ -391,6 +363,70 @@ def compartment_map(
         k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
         bright = cv2.morphologyEx(bright.view(np.uint8), cv2.MORPH_OPEN, k).view(bool)
 
+    return ws, wm, half, fiber, tis, od_w, bright, fiber_labels, tissue
+
+
+def nonfiber_od_values(
+    fiber_labels: np.ndarray,
+    tissue: np.ndarray,
+    *,
+    mpp: float,
+    hema_od: np.ndarray,
+    dab_od: np.ndarray | None = None,
+    params: CompartmentParams | None = None,
+) -> np.ndarray:
+    """OD values (working grid, float32) of the non-fiber tissue whose median vessel walls are
+    compared with — the same pixels and values :func:`compartment_map` uses for its own
+    reference. Pool them over a slide's windows and pass ``np.median`` as ``wall_ref_od``."""
+    _ws, _wm, _h, fiber, tis, od_w, bright, _l, _t = _working_maps(
+        fiber_labels, tissue, mpp=mpp, hema_od=hema_od, dab_od=dab_od, params=params)
+    stained = tis & ~bright if bright is not None else tis
+    return np.asarray(od_w[stained & ~fiber], np.float32)
+
+
+def compartment_map(
+    fiber_labels: np.ndarray,
+    tissue: np.ndarray,
+    *,
+    mpp: float,
+    hema_od: np.ndarray | None = None,
+    dab_od: np.ndarray | None = None,
+    rgb: np.ndarray | None = None,
+    params: CompartmentParams | None = None,
+    wall_ref_od: float | None = None,
+) -> np.ndarray:
+    """Compartment code of every pixel (uint8, codes in the module docstring).
+
+    Parameters
+    ----------
+    fiber_labels : ndarray of int, shape (H, W)
+        Fiber labels (0 = not a fiber), e.g. from :func:`biopsyquant.fibers.segment_fibers`.
+    tissue : ndarray of bool, shape (H, W)
+        Analysed tissue (exclusions removed). Pixels outside are code 0 unless they are a
+        vessel lumen.
+    mpp : float
+        Pixel size, µm per pixel.
+    hema_od, dab_od : ndarray of float, shape (H, W), optional
+        Hematoxylin and DAB OD (log10); where their sum is below ``lumen_max_od`` a pixel is
+        glass-bright (vessel lumens inside the tissue mask).
+    rgb : ndarray of uint8, shape (H, W, 3), optional
+        Used for the brightness test when ``hema_od`` is not given (OD against white).
+    params : CompartmentParams, optional
+    wall_ref_od : float, optional
+        The median OD of non-fiber tissue that vessel walls are compared with
+        (``wall_min_od_ratio``); default: this image's own. A tiled slide passes the slide's
+        value (:func:`nonfiber_od_values` on the slide-level windows) to every tile, so vessels
+        do not depend on the tiling.
+
+    Returns
+    -------
+    ndarray of uint8, shape (H, W)
+    """
+    ws, wm, half, fiber, tis, od_w, bright, fiber_labels, tissue = _working_maps(
+        fiber_labels, tissue, mpp=mpp, hema_od=hema_od, dab_od=dab_od, rgb=rgb, params=params)
+    params = CompartmentParams() if params is None else params
+    shape = fiber_labels.shape
+
     nonfiber = tis & ~fiber
     peri = _opening_by_disk(nonfiber, params.perimysium_min_width_um / wm / 2.0)
     if params.epimysium_um > 0:
@@ -401,7 +437,7 @@ def compartment_map(
     if params.endomysium_pocket_max_um2 > 0 and fiber.any():
         peri &= ~_fascicle_pockets(fiber, wm, params)
     vessel = _find_vessels(fiber, tis & ~(bright if bright is not None else False), bright,
-                           od_w, wm, params, section=tis)
+                           od_w, wm, params, section=tis, od_ref=wall_ref_od)
     perivasc = np.zeros(ws, bool)
     if vessel.any() and params.perivascular_width_um > 0:
         d = cv2.distanceTransform((~vessel).view(np.uint8), cv2.DIST_L2, 5)

@@ -236,11 +236,13 @@ def measure_image(
     origin: tuple[int, int] = (0, 0),
     keep_labels: bool = True,
     fiber_levels=None,
+    wall_ref_od: float | None = None,
 ) -> tuple[ImageContext, Measurements, pd.DataFrame, dict]:
     """Run steps 2–5 (``measure`` half) on one image or tile.
 
     ``fiber_levels`` (a :class:`~biopsyquant.fibers.FiberLevels` or its dict) are the slide's
-    fiber statistics given to every tile of a tiled slide; default: this image's own.
+    fiber statistics given to every tile of a tiled slide, and ``wall_ref_od`` its non-fiber
+    tissue OD that vessel walls are compared with; default: this image's own.
 
     Returns
     -------
@@ -276,7 +278,8 @@ def measure_image(
         fibers = segment_fibers(rgb, mpp=size_mpp, model=stain_model, tissue=analysed,
                                 params=settings.fibers, levels=fiber_levels)
         compartments = compartment_map(fibers, analysed, mpp=size_mpp, hema_od=hema,
-                                       dab_od=dab, rgb=rgb, params=settings.compartments)
+                                       dab_od=dab, rgb=rgb, params=settings.compartments,
+                                       wall_ref_od=wall_ref_od)
     else:  # non-muscle tissue: everything analysed is one "interstitial" compartment
         fibers = np.zeros(shape, np.int32)
         compartments = np.where(analysed, np.uint8(2), np.uint8(0))

@@ -40,7 +40,7 @@ import pandas as pd
 from . import __version__
 from .errors import InputError, SlideError
 from .settings import Settings
-from .stains import StainModel
+from .stains import StainModel, stain_od
 
 __all__ = [
     "Tile",
@@ -285,6 +285,7 @@ class TileTask:
     fiber_class_column: str | None = None
     fiber_levels: dict | None = None
     flat_field: dict | None = None
+    wall_ref_od: float | None = None
 
     def correct(self, rgb: np.ndarray, origin: tuple[int, int]) -> np.ndarray:
         """``rgb`` (level-0 region at ``origin`` x, y) with the slide's flat field applied."""
@@ -421,8 +422,11 @@ def _slide_fiber_levels(slide, *, shape, mpp: float, model: StainModel,
                         tissue_lowres: np.ndarray, scale, exclusions: list,
                         settings: Settings, flat=None) -> tuple[dict | None, dict]:
     """Fiber statistics of the slide (:func:`biopsyquant.fibers.fiber_levels`), given to
-    every tile so that fiber segmentation does not depend on the tiling."""
-    from .fibers import fiber_levels
+    every tile so that fiber segmentation does not depend on the tiling; and, from fibers
+    segmented on the same windows with them, the slide's non-fiber tissue OD that vessel walls
+    are compared with (``source["wall_ref_od"]``, :func:`compartments.nonfiber_od_values`)."""
+    from .compartments import nonfiber_od_values
+    from .fibers import fiber_levels, segment_fibers
     from .score import _exclusion_mask
 
     boxes = _levels_windows(shape, mpp, tissue_lowres, scale)
@@ -445,6 +449,20 @@ def _slide_fiber_levels(slide, *, shape, mpp: float, model: StainModel,
         warnings.simplefilter("ignore")
         lv = fiber_levels(images, mpp=mpp, model=model, tissues=tissues,
                           params=settings.fibers)
+        if lv is not None:
+            dab_name = "dab" if "dab" in model.names else model.names[1]
+            vals = []
+            for k in range(len(images)):
+                im, t = images[k], tissues[k]
+                images[k] = None  # windows are released as they are used
+                lab = segment_fibers(im, mpp=mpp, model=model, tissue=t,
+                                     params=settings.fibers, levels=lv)
+                vals.append(nonfiber_od_values(
+                    lab, t, mpp=mpp, hema_od=stain_od(im, model, "hematoxylin"),
+                    dab_od=stain_od(im, model, dab_name), params=settings.compartments))
+                del im, lab
+            allv = np.concatenate(vals) if vals else np.zeros(0, np.float32)
+            source["wall_ref_od"] = float(np.median(allv)) if allv.size else None
     return (lv.to_dict() if lv is not None else None), source
 
 
@@ -574,7 +592,8 @@ def tile_tasks(plan: SlidePlan, *, mpp_override: float | None = None) -> list[Ti
             tissue_crop_origin=(r0, c0), lowres_scale=plan.lowres_scale,
             lowres_shape=(lh, lw), exclusions=_polys_in_box(plan.exclusions, t.read),
             whole=not plan.tiled, overview_ds=plan.overview_ds, fiber_class_column=fiber_class,
-            fiber_levels=plan.fiber_levels, flat_field=plan.flat_field))
+            fiber_levels=plan.fiber_levels, flat_field=plan.flat_field,
+            wall_ref_od=(plan.fiber_levels_from or {}).get("wall_ref_od")))
     return tasks
 
 
@@ -832,7 +851,7 @@ def measure_tile(task: TileTask, *, slide=None) -> TileResult:
         _ctx, meas, fibers, base = measure_image(
             rgb, settings=task.settings, stain_model=model, mpp=task.mpp,
             exclusions=task.exclusions or None, tissue=tissue, own=own, origin=(x0, y0),
-            keep_labels=True, fiber_levels=task.fiber_levels)
+            keep_labels=True, fiber_levels=task.fiber_levels, wall_ref_od=task.wall_ref_od)
     for wmsg in caught:
         if str(wmsg.message) not in warn_list:
             warn_list.append(str(wmsg.message))

@@ -190,3 +190,19 @@ def test_tiles_cropped_to_tissue_give_identical_results(tmp_path, monkeypatch, m
     assert sum(px_crop.values()) < 0.9 * sum(px_full.values())
     assert crop.summary["n_fibers"] > 20
     _assert_identical(crop, full)
+
+
+@pytest.mark.slow
+def test_vessels_use_the_slide_wall_reference(slides):
+    """Vessel walls are compared with the slide's non-fiber OD, not the tile's: with the
+    opt-in pale-line fiber rule this slide's tiled run used to find a vessel the whole run did
+    not (36 vs 35 perimysial macrophages). Now every compartment count and area is the same."""
+    over = {**OVERRIDES, "fibers.pale_line_free_fraction": 0.3}
+    w, t, rw, rt = _both(slides["CD163"], "CD163", overrides=over)
+    ref = rt.provenance["fiber_levels_from"]["wall_ref_od"]
+    assert 0.05 < ref < 1.0
+    for key in ("cells_endomysial", "cells_perimysial", "cells_perivascular", "n_fibers",
+                "cells_detected"):
+        assert t[key] == w[key], key
+    for key in ("area_mm2_vessel", "area_mm2_perivascular", "area_mm2_perimysium"):
+        assert t[key] == pytest.approx(w[key], rel=1e-9), key
