@@ -116,3 +116,22 @@ def test_info_not_an_image(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert rc == 1 and out == ""
     assert "notes.txt" in err and "not a TIFF, PNG or JPEG" in err
+
+
+def test_info_reports_the_illumination_correction(tmp_path, capsys):
+    """An unevenly lit field with glass around the tissue: info says it is corrected (as
+    scoring will) and by how much; an even field is left alone."""
+    from biopsyquant.synthetic import generate_section
+
+    for ill, corrected in ((0.1, True), (0.0, False)):
+        s = generate_section(marker="IL-1b", seed=11, shape=(768, 768), mpp=0.5,
+                             illumination=ill)
+        p = tmp_path / f"lit{ill}.tif"
+        tifffile.imwrite(p, s.rgb, resolution=(20000, 20000), resolutionunit="CENTIMETER")
+        assert main(["info", "--json", str(p)]) == 0
+        (d,) = json.loads(capsys.readouterr()[0])
+        assert d["illumination"]["corrected"] is corrected, d["illumination"]
+        if corrected:
+            assert 5 < d["illumination"]["max_correction_pct"] < 15
+        else:
+            assert d["illumination"]["reason"].startswith("flat")

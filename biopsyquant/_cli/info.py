@@ -79,6 +79,17 @@ def _analyse(slide, *, thumbnail_size: int, base: str) -> dict[str, Any]:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        try:  # uneven illumination, as scoring corrects it (default settings)
+            from ..illumination import fit_flat_field
+
+            flat = fit_flat_field(rgb, mpp=mpp_t or 0.5 * ds, shape=tuple(slide.shape[:2]))
+            rgb = flat.apply(rgb, scale=(slide.shape[0] / rgb.shape[0],
+                                         slide.shape[1] / rgb.shape[1]))
+            out["illumination"] = {"corrected": flat.applied, "reason": flat.reason,
+                                   "max_correction_pct": round(flat.max_correction_pct(), 2)}
+        except (ImportError, BiopsyQuantError) as exc:
+            out["illumination"] = None
+            notes.append(f"illumination: n/a ({exc})")
         background = None
         if estimate_background is not None:
             background = tuple(float(v) for v in estimate_background(rgb))
@@ -170,6 +181,9 @@ def _fmt_text(d: dict) -> str:
         lines.append(f"  thumbnail     {tw} x {th} px (downsample {d['thumbnail']['downsample']:g}),"
                      " used for the estimates below")
         bg = d.get("background")
+        il = d.get("illumination")
+        if il:
+            lines.append(f"  illumination  {il['reason']}")
         lines.append("  background    " + (
             f"R {bg[0]:.1f}  G {bg[1]:.1f}  B {bg[2]:.1f} (0-255)" if bg else "n/a"))
         st = d.get("stains")
