@@ -178,6 +178,13 @@ class FiberParams:
         is then not taken for the endomysium, so the fiber is no longer outlined inside its
         rim. Default True (see docs/_parts/fibers-validation.md, "counterstain mode: boundary
         lines on the DAB-free OD").
+    counterstain_interstitium_ratio : float
+        In counterstain mode, pixels whose DAB-free OD (``interstitium_smoothing_um`` blur)
+        exceeds this multiple of the local typical fiber level on that OD, and whose DAB is
+        below half a stained fiber's, are connective tissue, not fiber core: a DAB-filled fiber
+        alone in loose perimysium no longer grows into it (0 = off; the rule of
+        ``interstitium_ratio`` for counterstain mode). H&E read with the H-DAB model is not
+        affected (its "DAB" is eosin, high on connective tissue too).
     isolated_max_area_um2 : float
         Loose connective tissue (retracted perimysium) can pass every pixel rule and come out
         as small "fibers": an object smaller than this (µm²) whose mean DAB-free OD is below
@@ -239,6 +246,7 @@ class FiberParams:
     dab_granule_um: float = 2.0
     dab_granule_inset_um: float = 2.0
     counterstain_free_lines: bool = True
+    counterstain_interstitium_ratio: float = 1.55
     pale_line_free_fraction: float = 0.0
     pale_line_patch_gap_um: float = 4.0
     isolated_max_area_um2: float = 600.0
@@ -275,7 +283,8 @@ class FiberParams:
                      "dab_patch_smoothing_um", "dab_granule_um", "dab_granule_inset_um",
                      "pale_line_free_fraction", "pale_line_patch_gap_um",
                      "dab_counterstain_fraction", "isolated_max_area_um2",
-                     "isolated_pale_ratio", "isolated_max_contact"):
+                     "isolated_pale_ratio", "isolated_max_contact",
+                     "counterstain_interstitium_ratio"):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
                 raise InputError(f"FiberParams.{name} must be a number >= 0, got {v!r}")
@@ -1065,6 +1074,20 @@ def _segment_work(w: _Work, levels: FiberLevels | None = None) -> np.ndarray:
                                          params.interstitium_local_um / wm,
                                          params.interstitium_local_margin)
         core &= c_int <= inter_ratio * inter_level
+        del c_int, inter_level
+    elif (w.cs_free is not None and levels.level_free is not None
+          and params.counterstain_interstitium_ratio > 0):
+        # counterstain mode: DAB-filled fibers carry little counterstain, DAB-free connective
+        # tissue a lot; there the interstitium rule of the DAB-free OD still holds. Only where
+        # the DAB is well below a stained fiber's: an H&E section read with the H-DAB model
+        # (eosin as "DAB" on fibers and connective tissue alike) is left as it was.
+        c_int = _gauss(w.cs_free, params.interstitium_smoothing_um / wm)
+        ratio = params.counterstain_interstitium_ratio
+        inter_level = _local_fiber_level(w.cs_free, core & (c_int <= ratio * levels.level_free),
+                                         levels.level_free, params.interstitium_local_um / wm,
+                                         params.interstitium_local_margin)
+        dab_fiber = max(levels.level_t - levels.level_free, 0.02)
+        core &= (c_int <= ratio * inter_level) | (ts - w.cs_free >= 0.5 * dab_fiber)
         del c_int, inter_level
     # the isolated-object rule needs the DAB-free OD (not in counterstain mode)
     iso_od = cs if (params.isolated_max_area_um2 > 0 and w.cs_free is None) else None
