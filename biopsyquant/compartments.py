@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -294,10 +295,23 @@ def _fascicle_pockets(fiber: np.ndarray, wm: float, params: CompartmentParams) -
     return keep[lab]
 
 
+class _Working(NamedTuple):
+    """Checked inputs and their working-grid maps (see :func:`_working_maps`)."""
+
+    ws: tuple[int, int]          # working grid shape
+    wm: float                    # working µm/px
+    half: bool                   # working grid is exactly half the input
+    fiber: np.ndarray            # fiber mask (working grid)
+    tis: np.ndarray              # tissue mask (working grid)
+    od_w: np.ndarray | None      # blurred OD (working grid)
+    bright: np.ndarray | None    # glass-bright mask (working grid)
+    fiber_labels: np.ndarray     # checked input labels
+    tissue: np.ndarray           # checked input tissue (bool)
+
+
 def _working_maps(fiber_labels, tissue, *, mpp, hema_od=None, dab_od=None, rgb=None,
-                  params: CompartmentParams | None = None):
-    """Checked inputs on the working grid: (working shape, working µm/px, exact-half flag,
-    fiber mask, tissue mask, blurred OD or None, glass-bright mask or None, labels, tissue)."""
+                  params: CompartmentParams | None = None) -> _Working:
+    """Check the inputs and bring them to the working grid."""
     params = CompartmentParams() if params is None else params
     fiber_labels = np.asarray(fiber_labels)
     tissue = np.asarray(tissue)
@@ -363,7 +377,7 @@ def _working_maps(fiber_labels, tissue, *, mpp, hema_od=None, dab_od=None, rgb=N
         k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
         bright = cv2.morphologyEx(bright.view(np.uint8), cv2.MORPH_OPEN, k).view(bool)
 
-    return ws, wm, half, fiber, tis, od_w, bright, fiber_labels, tissue
+    return _Working(ws, wm, half, fiber, tis, od_w, bright, fiber_labels, tissue)
 
 
 def nonfiber_od_values(
@@ -378,10 +392,10 @@ def nonfiber_od_values(
     """OD values (working grid, float32) of the non-fiber tissue whose median vessel walls are
     compared with — the same pixels and values :func:`compartment_map` uses for its own
     reference. Pool them over a slide's windows and pass ``np.median`` as ``wall_ref_od``."""
-    _ws, _wm, _h, fiber, tis, od_w, bright, _l, _t = _working_maps(
-        fiber_labels, tissue, mpp=mpp, hema_od=hema_od, dab_od=dab_od, params=params)
-    stained = tis & ~bright if bright is not None else tis
-    return np.asarray(od_w[stained & ~fiber], np.float32)
+    w = _working_maps(fiber_labels, tissue, mpp=mpp, hema_od=hema_od, dab_od=dab_od,
+                      params=params)
+    stained = w.tis & ~w.bright if w.bright is not None else w.tis
+    return np.asarray(w.od_w[stained & ~w.fiber], np.float32)
 
 
 def compartment_map(

@@ -1008,6 +1008,17 @@ def fiber_levels(
     return _levels(works, params)
 
 
+def _not_interstitium(core: np.ndarray, od: np.ndarray, level_map: np.ndarray, level: float,
+                      ratio: float, params: FiberParams, wm: float) -> np.ndarray:
+    """Pixels that are not interstitium: ``od`` (blurred by ``interstitium_smoothing_um``) at
+    most ``ratio`` x the local typical fiber level of ``level_map`` (slide level ``level``)."""
+    c_int = _gauss(od, params.interstitium_smoothing_um / wm)
+    local = _local_fiber_level(level_map, core & (c_int <= ratio * level), level,
+                               params.interstitium_local_um / wm,
+                               params.interstitium_local_margin)
+    return c_int <= ratio * local
+
+
 def _segment_work(w: _Work, levels: FiberLevels | None = None) -> np.ndarray:
     """Fiber labels on the working grid of ``w``; releases ``w``'s maps as they are used."""
     tissue, wm, params = w.tissue, w.wm, w.params
@@ -1069,26 +1080,17 @@ def _segment_work(w: _Work, levels: FiberLevels | None = None) -> np.ndarray:
             levels.level_free - levels.ref_free)
     core = tissue & ~boundary & ~pale
     if inter_ratio > 0:
-        c_int = _gauss(counter, params.interstitium_smoothing_um / wm)
-        inter_level = _local_fiber_level(cs, core & (c_int <= inter_ratio * level_c), level_c,
-                                         params.interstitium_local_um / wm,
-                                         params.interstitium_local_margin)
-        core &= c_int <= inter_ratio * inter_level
-        del c_int, inter_level
+        core &= _not_interstitium(core, counter, cs, level_c, inter_ratio, params, wm)
     elif (w.cs_free is not None and levels.level_free is not None
           and params.counterstain_interstitium_ratio > 0):
         # counterstain mode: DAB-filled fibers carry little counterstain, DAB-free connective
         # tissue a lot; there the interstitium rule of the DAB-free OD still holds. Only where
         # the DAB is well below a stained fiber's: an H&E section read with the H-DAB model
         # (eosin as "DAB" on fibers and connective tissue alike) is left as it was.
-        c_int = _gauss(w.cs_free, params.interstitium_smoothing_um / wm)
-        ratio = params.counterstain_interstitium_ratio
-        inter_level = _local_fiber_level(w.cs_free, core & (c_int <= ratio * levels.level_free),
-                                         levels.level_free, params.interstitium_local_um / wm,
-                                         params.interstitium_local_margin)
         dab_fiber = max(levels.level_t - levels.level_free, 0.02)
-        core &= (c_int <= ratio * inter_level) | (ts - w.cs_free >= 0.5 * dab_fiber)
-        del c_int, inter_level
+        core &= _not_interstitium(core, w.cs_free, w.cs_free, levels.level_free,
+                                  params.counterstain_interstitium_ratio, params, wm) \
+            | (ts - w.cs_free >= 0.5 * dab_fiber)
     # the isolated-object rule needs the DAB-free OD (not in counterstain mode)
     iso_od = cs if (params.isolated_max_area_um2 > 0 and w.cs_free is None) else None
     # what the steps below do not use is released (a tile's peak memory)

@@ -60,6 +60,7 @@ import cv2
 import numpy as np
 from numba import njit
 
+from ._batch_io import file_sha256
 from .errors import InputError
 
 __all__ = ["IlluminationParams", "FlatField", "fit_flat_field", "reference_flat_field"]
@@ -307,22 +308,19 @@ def _apply_map_kernel(rgb, fmap, out):  # pragma: no cover - compiled
 _REFERENCE_CACHE: dict[tuple, np.ndarray] = {}
 
 
-def _file_sha256(path: str) -> str:
-    from ._batch_io import file_sha256
-
-    return file_sha256(path)
-
-
 def _reference_factors(path: str, sha256: str, smoothing_pct: float,
-                       shape: tuple[int, int]) -> np.ndarray:
-    """Factor map ``B_min / B`` (float32, (H, W, 3), each ≤ 1) of a blank-field image."""
+                       shape: tuple[int, int], *, verify: bool = True) -> np.ndarray:
+    """Factor map ``B_min / B`` (float32, (H, W, 3), each ≤ 1) of a blank-field image.
+
+    ``verify``: check the file still has ``sha256`` before loading it (off when the caller
+    has just computed it)."""
     key = (path, sha256, float(smoothing_pct))
     fmap = _REFERENCE_CACHE.get(key)
     if fmap is not None:
         return fmap
     from .slide import open_slide
 
-    if sha256 and _file_sha256(path) != sha256:
+    if verify and sha256 and file_sha256(path) != sha256:
         raise InputError(f"flat-field reference {path} changed since the slide was prepared "
                          "(SHA-256 differs)")
     with warnings.catch_warnings():
@@ -370,11 +368,12 @@ def reference_flat_field(path: str, *, shape: tuple[int, int],
     params = params or IlluminationParams()
     path = str(path)
     try:
-        sha = _file_sha256(path)
+        sha = file_sha256(path)
     except OSError as exc:
         raise InputError(f"flat-field reference {path}: cannot read it ({exc.strerror or exc})"
                          ) from None
-    fmap = _reference_factors(path, sha, params.reference_smoothing_pct, tuple(shape))
+    fmap = _reference_factors(path, sha, params.reference_smoothing_pct, tuple(shape),
+                              verify=False)
     rng = float(np.log10(1.0 / float(fmap.min())))
     return FlatField(shape=(int(shape[0]), int(shape[1])), applied=True,
                      reason=f"corrected with the blank-field reference {path}",
@@ -498,11 +497,9 @@ def fit_flat_field(
         cov = max(scatter, params.residual_floor_log10) ** 2 * np.linalg.inv(xtx)
         Xt = design(tb)
         se_max = float(np.sqrt(np.einsum("ij,jk,ik->i", Xt, cov, Xt)).max())
-    ff = FlatField(shape=full, coef=tuple(float(x) for x in coef), applied=False, reason="",
-                   n_glass_blocks=n_used, n_glass_candidates=n_cand, residual_log10=scatter,
-                   se_max_log10=se_max)
-    ox, oy = ff._axis_minima()
-    rng = float(_quad_max(coef[1], coef[3], W, d) + _quad_max(coef[2], coef[3], H, d) - ox - oy)
+    # variation of the field over the slide's pixel centres (it separates into x and y terms)
+    rng = float(_quad_max(coef[1], coef[3], W, d) - _quad_min(coef[1], coef[3], W, d)
+                + _quad_max(coef[2], coef[3], H, d) - _quad_min(coef[2], coef[3], H, d))
     if n_used < params.min_glass_blocks:
         reason, apply = f"too little consistent glass ({n_used} blocks after trimming)", False
     elif scatter > params.max_residual_log10:
@@ -523,7 +520,7 @@ def fit_flat_field(
     else:
         reason, apply = (f"corrected: field varies {rng:.4f} log10 "
                          f"({(10 ** rng - 1) * 100:.1f} %) over the slide"), True
-    return FlatField(shape=full, coef=ff.coef, applied=apply, reason=reason,
+    return FlatField(shape=full, coef=tuple(float(x) for x in coef), applied=apply, reason=reason,
                      n_glass_blocks=n_used, n_glass_candidates=n_cand,
                      residual_log10=scatter, se_max_log10=se_max, range_log10=rng)
 

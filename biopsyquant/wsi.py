@@ -39,6 +39,7 @@ import pandas as pd
 
 from . import __version__
 from .errors import InputError, SlideError
+from .illumination import FlatField
 from .settings import Settings
 from .stains import StainModel, stain_od
 
@@ -253,9 +254,8 @@ class SlidePlan:
     levels: int = 1
     fiber_levels: dict | None = None
     fiber_levels_from: dict | None = None
-    #: the slide's illumination field (:class:`biopsyquant.illumination.FlatField` as a dict),
-    #: fitted on the thumbnail and applied to every pixel read
-    flat_field: dict | None = None
+    #: the slide's illumination field, fitted on the thumbnail and applied to every pixel read
+    flat_field: FlatField | None = None
 
     @property
     def overview_shape(self) -> tuple[int, int]:
@@ -284,16 +284,12 @@ class TileTask:
     overview_ds: float
     fiber_class_column: str | None = None
     fiber_levels: dict | None = None
-    flat_field: dict | None = None
+    flat_field: FlatField | None = None
     wall_ref_od: float | None = None
 
     def correct(self, rgb: np.ndarray, origin: tuple[int, int]) -> np.ndarray:
         """``rgb`` (level-0 region at ``origin`` x, y) with the slide's flat field applied."""
-        if not self.flat_field or not self.flat_field.get("applied"):
-            return rgb
-        from .illumination import FlatField
-
-        return FlatField.from_dict(self.flat_field).apply(rgb, origin=origin)
+        return rgb if self.flat_field is None else self.flat_field.apply(rgb, origin=origin)
 
     @property
     def tissue_crop(self) -> np.ndarray:
@@ -550,7 +546,7 @@ def prepare_slide(
         levels, levels_from = _slide_fiber_levels(
             slide, shape=shape, mpp=size_mpp, model=model, tissue_lowres=np.asarray(tissue, bool),
             scale=scale, exclusions=polys, settings=settings,
-            flat=flat if flat.applied else None)
+            flat=flat)
     ods = max(1.0, max(shape) / float(overview_px))
     oshape = (max(1, int(round(shape[0] / ods))), max(1, int(round(shape[1] / ods))))
     import cv2
@@ -566,13 +562,7 @@ def prepare_slide(
         overview_ds=float(ods), overview_rgb=overview, warnings=warn_list,
         seconds_prepare=time.perf_counter() - t0, fmt=str(getattr(slide, "format", "")),
         levels=len(getattr(slide, "levels", [None])),
-        fiber_levels=levels, fiber_levels_from=levels_from, flat_field=flat.to_dict())
-
-
-def _flat(plan: SlidePlan):
-    from .illumination import FlatField
-
-    return FlatField.from_dict(plan.flat_field, shape=plan.shape)
+        fiber_levels=levels, fiber_levels_from=levels_from, flat_field=flat)
 
 
 def tile_tasks(plan: SlidePlan, *, mpp_override: float | None = None) -> list[TileTask]:
@@ -1004,7 +994,8 @@ def merge_tiles(plan: SlidePlan, results: Iterable[TileResult], *, seconds: floa
             warn_list.append(str(w.message))
     summary = {"slide": plan.name, "marker": plan.settings.marker, "mpp": plan.mpp,
                "mpp_source": plan.mpp_source,
-               "flat_field_max_pct": round(_flat(plan).max_correction_pct(), 3), **summary}
+               "flat_field_max_pct": round(plan.flat_field.max_correction_pct(), 3)
+               if plan.flat_field is not None else 0.0, **summary}
     tile_seconds = [r.seconds for r in results]
     provenance = {
         "biopsyquant_version": __version__,
@@ -1012,7 +1003,7 @@ def merge_tiles(plan: SlidePlan, results: Iterable[TileResult], *, seconds: floa
         "stain_model": plan.stain_model.to_dict(),
         "stain_model_from": {"image": "thumbnail", "shape": list(plan.tissue_lowres.shape),
                              "downsample": [round(s, 4) for s in plan.lowres_scale]},
-        "illumination": plan.flat_field,
+        "illumination": plan.flat_field.to_dict() if plan.flat_field is not None else None,
         "fiber_levels": plan.fiber_levels,
         "fiber_levels_from": plan.fiber_levels_from,
         "mpp": plan.mpp,
