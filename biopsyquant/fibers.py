@@ -200,6 +200,44 @@ class FiberParams:
     isolated_max_contact : float
         See ``isolated_max_area_um2`` (fraction of the ring's pixels that belong to other
         fibers).
+    small_fiber_max_um : float
+        Small-fiber pass (atrophic fibers, 10-30 µm): a fiber about as wide as the line
+        detector's reach that lies in widened endomysium is covered by the endomysium lines
+        around it and never gets a core. Islands of the DAB-free OD at most
+        ``small_fiber_contrast`` x the connective tissue around them (a grey closing over this
+        width, µm) that no fiber covers are added as fibers when they pass the tests below
+        (0 disables the pass; off in counterstain mode and without DAB, where connective
+        tissue is not darker than fibers on the map used). Default 30 µm (see
+        docs/_parts/fibers-validation.md, "small fibers").
+    small_fiber_contrast : float
+        See ``small_fiber_max_um`` (fraction of the surrounding OD).
+    small_fiber_min_solidity : float
+        Solidity an island needs (stricter than ``min_solidity``: pieces of loose perimysium
+        are ragged).
+    small_fiber_open_um : float
+        Radius (µm) of the opening that detaches islands from the thin pale margins of
+        neighbouring fibers.
+    small_fiber_ring_um : float
+        Width (µm) of the ring around an island that must be connective tissue ...
+    small_fiber_ring_fraction : float
+        ... on at least this fraction of its pixels: OD at least ``small_fiber_ring_contrast``
+        x the island's and at least interstitium (``interstitium_ratio`` x the fiber level).
+    small_fiber_ring_contrast : float
+        See ``small_fiber_ring_fraction``.
+    small_fiber_ring_min_contrast : float
+        ... and three quarters of the ring at least this multiple of the island's OD.
+    small_fiber_min_level, small_fiber_max_level : float
+        An island's mean DAB-free OD must lie between these multiples of the typical fiber's
+        (lumina, tears and glass are paler, connective tissue darker).
+    small_fiber_max_texture : float
+        Largest standard deviation of the island's DAB-free OD as a fraction of its mean
+        (sarcoplasm is smooth, loose perimysium fibrous).
+    small_fiber_neighbour_um, small_fiber_min_neighbour_fraction : float
+        An island must lie among fibers: at least this fraction of a ring this wide (µm)
+        around it is fiber (smooth patches of the perimysium lie away from fibers).
+    small_fiber_min_inscribed_fraction : float
+        The island's largest inscribed disk must be at least this fraction of
+        ``min_diameter_um`` (0.5: atrophic fibers are often flattened).
     nucleus_min_od : float
         Hematoxylin OD (log10) above which a pixel belongs to a nucleus (fiber table).
     nucleus_min_area_um2, nucleus_max_area_um2 : float
@@ -233,6 +271,20 @@ class FiberParams:
     hole_max_area_um2: float = 150.0
     split_depth_um: float = 3.5
     merge_neck_ratio: float = 0.9
+    small_fiber_max_um: float = 30.0
+    small_fiber_contrast: float = 0.5
+    small_fiber_min_solidity: float = 0.9
+    small_fiber_open_um: float = 2.0
+    small_fiber_ring_um: float = 3.0
+    small_fiber_ring_fraction: float = 0.6
+    small_fiber_ring_contrast: float = 1.25
+    small_fiber_ring_min_contrast: float = 1.2
+    small_fiber_min_level: float = 0.8
+    small_fiber_max_level: float = 2.0
+    small_fiber_max_texture: float = 0.3
+    small_fiber_neighbour_um: float = 10.0
+    small_fiber_min_neighbour_fraction: float = 0.05
+    small_fiber_min_inscribed_fraction: float = 0.5
     min_solidity: float = 0.75
     max_hole_fraction: float = 0.15
     grow_um: float = 4.0
@@ -284,7 +336,13 @@ class FiberParams:
                      "pale_line_free_fraction", "pale_line_patch_gap_um",
                      "dab_counterstain_fraction", "isolated_max_area_um2",
                      "isolated_pale_ratio", "isolated_max_contact",
-                     "counterstain_interstitium_ratio"):
+                     "counterstain_interstitium_ratio", "small_fiber_max_um",
+                     "small_fiber_contrast", "small_fiber_min_solidity", "small_fiber_open_um",
+                     "small_fiber_ring_um", "small_fiber_ring_fraction",
+                     "small_fiber_ring_contrast", "small_fiber_ring_min_contrast",
+                     "small_fiber_min_level", "small_fiber_max_level",
+                     "small_fiber_max_texture", "small_fiber_min_inscribed_fraction",
+                     "small_fiber_neighbour_um", "small_fiber_min_neighbour_fraction"):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
                 raise InputError(f"FiberParams.{name} must be a number >= 0, got {v!r}")
@@ -1093,6 +1151,10 @@ def _segment_work(w: _Work, levels: FiberLevels | None = None) -> np.ndarray:
             | (ts - w.cs_free >= 0.5 * dab_fiber)
     # the isolated-object rule needs the DAB-free OD (not in counterstain mode)
     iso_od = cs if (params.isolated_max_area_um2 > 0 and w.cs_free is None) else None
+    # small (atrophic) fibers inside connective tissue: candidates while the OD maps live
+    small = _small_fiber_candidates(cs, tissue & ~pale, level_c, inter_ratio, params, wm) \
+        if (inter_ratio > 0 and cs is not ts) else None
+    small_od = cs if small is not None else None
     # what the steps below do not use is released (a tile's peak memory)
     del counter, cs, patch
     w.total = w.counter = w.cs = w.cs_free = w.patch = None
@@ -1156,7 +1218,126 @@ def _segment_work(w: _Work, levels: FiberLevels | None = None) -> np.ndarray:
     )
     if iso_od is not None:
         lab = _drop_isolated_pale(lab, iso_od, level_c, wm, params)
+    if small is not None:
+        lab = _add_small_fibers(lab, small, small_od, level_c, inter_ratio, params, wm)
     return lab
+
+
+def _close_octagon(img: np.ndarray, radius_px: float) -> np.ndarray:
+    """Grey closing by an octagon of about ``radius_px`` (a square ⊕ a diamond, the sides in the
+    ratio that makes it regular): a disk closing to within a pixel, at a third of its cost."""
+    a = max(0, int(round(radius_px / (1.0 + math.sqrt(2.0)))))
+    b = max(1, int(round(radius_px - a)))
+    sq = np.ones((2 * a + 1, 2 * a + 1), np.uint8)
+    yy, xx = np.mgrid[-b:b + 1, -b:b + 1]
+    dia = (np.abs(yy) + np.abs(xx) <= b).astype(np.uint8)
+    out = cv2.dilate(cv2.dilate(img, sq, borderType=cv2.BORDER_REPLICATE), dia,
+                     borderType=cv2.BORDER_REPLICATE)
+    return cv2.erode(cv2.erode(out, sq, borderType=cv2.BORDER_REPLICATE), dia,
+                     borderType=cv2.BORDER_REPLICATE)
+
+
+def _small_fiber_candidates(cs: np.ndarray, allowed: np.ndarray, level_c: float, ratio: float,
+                            params: FiberParams, wm: float) -> np.ndarray | None:
+    """Pixels of small islands in connective tissue (atrophic fibers, 10-30 µm).
+
+    An atrophic fiber lying in widened endomysium is about as wide as the line detector's
+    reach: the endomysium lines around it cover it and it never gets a core. On the DAB-free
+    OD (``cs``) it is an island at most ``small_fiber_contrast`` times the OD of the
+    connective tissue around it (a grey closing over ``small_fiber_max_um``), where that
+    tissue is interstitium (at least ``ratio`` x the fiber level ``level_c``). None when the
+    pass is off (``small_fiber_max_um`` = 0).
+    """
+    if params.small_fiber_max_um <= 0:
+        return None
+    clo = _close_octagon(cs, params.small_fiber_max_um / wm / 2.0)
+    return allowed & (clo >= np.float32(ratio * level_c)) \
+        & (cs <= np.float32(params.small_fiber_contrast) * clo)
+
+
+def _add_small_fibers(lab: np.ndarray, cand: np.ndarray, od: np.ndarray, level: float,
+                      ratio: float, params: FiberParams, wm: float) -> np.ndarray:
+    """Add the islands of ``cand`` (:func:`_small_fiber_candidates`) that no fiber covers and
+    that look like a small fiber, numbered after the fibers of ``lab``.
+
+    An island is kept when it is fiber-sized (area and inscribed disk from
+    ``min_diameter_um``, ``small_fiber_min_inscribed_fraction``; at most
+    ``small_fiber_max_um`` across), compact (solidity ``small_fiber_min_solidity``, no lumen),
+    as dark as a fiber (mean ``od`` at least ``small_fiber_min_level`` x ``level``: lumina
+    and tears are paler), smooth (standard deviation of ``od`` at most
+    ``small_fiber_max_texture`` x its mean: loose perimysium is fibrous) and surrounded by
+    connective tissue (at least ``small_fiber_ring_fraction`` of a ring
+    ``small_fiber_ring_um`` wide around it at ``small_fiber_ring_contrast`` x the island's
+    OD and at least interstitium, ``ratio`` x ``level``).
+    """
+    free = cand & ~cv2.dilate((lab > 0).astype(np.uint8), _disk(1)).astype(bool)
+    free = cv2.morphologyEx(free.astype(np.uint8), cv2.MORPH_OPEN,
+                            _disk(params.small_fiber_open_um / wm))
+    n, comp, stats, _ = cv2.connectedComponentsWithStats(free, connectivity=4)
+    if n <= 1:
+        return lab
+    r_min = params.min_diameter_um / wm / 2.0
+    r_max = params.small_fiber_max_um / wm / 2.0
+    min_area, max_area = 0.6 * math.pi * r_min**2, math.pi * r_max**2
+    # cheap tests on every island first (its own pixels; holes such as a nucleus are filled
+    # below): mean OD and texture, and an area that filled holes cannot bring into range
+    area = stats[:, cv2.CC_STAT_AREA].astype(np.float64)
+    sel = np.flatnonzero(free.ravel())
+    ids = comp.ravel()[sel]
+    v = od.ravel()[sel].astype(np.float64)
+    mean = np.bincount(ids, weights=v, minlength=n) / np.maximum(area, 1)
+    sd = np.sqrt(np.maximum(np.bincount(ids, weights=v * v, minlength=n) / np.maximum(area, 1)
+                            - mean * mean, 0))
+    del sel, ids, v
+    ok = (area <= max_area) & (area * (1.0 + params.max_hole_fraction) >= min_area) \
+        & (mean >= params.small_fiber_min_level * level) \
+        & (mean <= params.small_fiber_max_level * level) \
+        & (sd <= params.small_fiber_max_texture * np.maximum(mean, 1e-6))
+    ok[0] = False
+    r_ring = max(1, int(round(params.small_fiber_ring_um / wm)))
+    ring_k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r_ring + 1, 2 * r_ring + 1))
+    r_nb = max(1, int(round(params.small_fiber_neighbour_um / wm)))
+    nb_k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r_nb + 1, 2 * r_nb + 1))
+    r = max(r_ring, r_nb)
+    min_inscribed = params.small_fiber_min_inscribed_fraction * 2 * r_min
+    h, w = comp.shape
+    out = None
+    next_id = int(lab.max()) + 1
+    for i in np.flatnonzero(ok):
+        x, y, bw, bh = (int(c) for c in stats[i, :4])
+        y0, x0 = max(y - r - 1, 0), max(x - r - 1, 0)
+        ys, xs = slice(y0, min(y + bh + r + 1, h)), slice(x0, min(x + bw + r + 1, w))
+        m = (comp[ys, xs] == i).astype(np.uint8)
+        cnts, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        filled = np.zeros_like(m)
+        cv2.drawContours(filled, cnts, -1, 1, thickness=-1)
+        f_area = float(np.count_nonzero(filled))
+        # holes: a nucleus, not a lumen (at most max_hole_fraction of the island)
+        if not (min_area <= f_area <= max_area) \
+                or f_area > area[i] * (1.0 + params.max_hole_fraction) \
+                or _solidity(cnts, f_area) < params.small_fiber_min_solidity \
+                or 2 * cv2.distanceTransform(np.pad(filled, 1), cv2.DIST_L2, 5).max() \
+                < min_inscribed:
+            continue
+        ring = cv2.dilate(filled, ring_k).astype(bool) & (filled == 0)
+        n_ring = int(np.count_nonzero(ring))
+        if n_ring == 0:
+            continue
+        ring_od = od[ys, xs][ring]
+        dark = ring_od >= max(params.small_fiber_ring_contrast * mean[i], ratio * level)
+        if np.count_nonzero(dark) < params.small_fiber_ring_fraction * n_ring \
+                or np.percentile(ring_od, 25) < params.small_fiber_ring_min_contrast * mean[i]:
+            continue
+        # among fibers (a fascicle), not a smooth patch of the perimysium
+        near = cv2.dilate(filled, nb_k).astype(bool) & (filled == 0)
+        if np.count_nonzero(lab[ys, xs][near] > 0) \
+                < params.small_fiber_min_neighbour_fraction * np.count_nonzero(near):
+            continue
+        if out is None:
+            out = lab.astype(np.int32, copy=True)
+        out[ys, xs][filled.astype(bool)] = next_id
+        next_id += 1
+    return lab if out is None else out
 
 
 def _dab_granules(w: _Work, patch: np.ndarray) -> np.ndarray | None:
