@@ -85,7 +85,10 @@ class TileParams:
         Edge of the core of a tile, in level-0 pixels.
     overlap_um : float
         Context added on every side of a tile's core (µm); must exceed the largest object
-        (fiber) so that every object lies whole in the tile that owns its centroid.
+        (fiber) so that every object lies whole in the tile that owns its centroid. 150 µm:
+        half the largest fiber (75 µm) plus the reach of the widest local statistic (the
+        50 µm fiber-level window); whole-vs-tiled summaries are identical at 100, 150 and
+        200 µm (docs/_parts/tile-speed-performance.md, ``benchmarks/study_overlap.py``).
     max_whole_image_px : int
         Slides up to this many pixels are scored in one piece by the batch runner and the
         plugin; larger ones in tiles (16 Mpx keeps a worker's peak memory near 1 GB).
@@ -95,13 +98,13 @@ class TileParams:
     max_tile_read_px : int
         Largest region (core + overlap on both sides, in level-0 pixels) a tile reads: the
         core is made smaller when ``tile_size_px`` plus the overlap would exceed it (e.g. at
-        0.25 µm/px the 200 µm overlap is 800 px, and a 2048 core would read 13 Mpx). This is
+        0.25 µm/px the 150 µm overlap is 600 px, and a 2048 core would read 10.5 Mpx). This is
         what bounds a worker's memory (about 45 bytes per pixel read, plus ~0.35 GB of code)
         whatever the pixel size. 0 = no cap.
     """
 
     tile_size_px: int = 2048
-    overlap_um: float = 200.0
+    overlap_um: float = 150.0
     max_whole_image_px: int = 16_000_000
     assumed_mpp_unknown: float = 0.5
     max_tile_read_px: int = 8_400_000

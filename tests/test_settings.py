@@ -31,12 +31,12 @@ def test_analysis_kind_per_marker():
 
 
 def test_overrides_are_typed_and_recorded():
-    s = load_settings("CD163", overrides=["stains.estimate=false", "tiling.overlap_um=150",
+    s = load_settings("CD163", overrides=["stains.estimate=false", "tiling.overlap_um=175",
                                           "stains.preset='H-E-DAB'"])
     assert s.stains.estimate is False
-    assert s.tiling.overlap_um == 150.0 and isinstance(s.tiling.overlap_um, float)
+    assert s.tiling.overlap_um == 175.0 and isinstance(s.tiling.overlap_um, float)
     assert s.stains.preset == "H-E-DAB"
-    assert s.get("tiling.overlap_um") == 150.0
+    assert s.get("tiling.overlap_um") == 175.0
     assert s.origin[-1] == "overrides"
     assert s.digest() != load_settings("CD163").digest()
 

@@ -126,15 +126,16 @@ def test_batch_tiles_images_larger_than_one_tile_read_region():
     from biopsyquant.settings import load_settings
     from biopsyquant.wsi import needs_tiling
 
-    s = load_settings("CD163")  # 2048-px cores, 200 µm overlap, whole up to 16 Mpx
-    # at 0.5 µm/px a tile reads (2048 + 2 * 400)² = 2848² px
+    s = load_settings("CD163")  # 2048-px cores, 150 µm overlap, whole up to 16 Mpx
+    # at 0.5 µm/px a tile reads (2048 + 2 * 300)² = 2648² px
     assert not needs_tiling((3000, 3000), s)
     assert needs_tiling((3000, 3000), s, bound_to_tile=True, mpp=0.5)
-    assert not needs_tiling((2848, 2848), s, bound_to_tile=True, mpp=0.5)
-    assert needs_tiling((2848, 2849), s, bound_to_tile=True, mpp=0.5)
-    # at 0.25 µm/px the overlap is 800 px: a 2048 core would read 3648², over the read
-    # budget (tiling.max_tile_read_px 8.4 Mpx), so the core is 1296 and the region 2896²
+    assert not needs_tiling((2648, 2648), s, bound_to_tile=True, mpp=0.5)
+    assert needs_tiling((2648, 2649), s, bound_to_tile=True, mpp=0.5)
+    # at 0.25 µm/px the overlap is 600 px: a 2048 core would read 3248², over the read
+    # budget (tiling.max_tile_read_px 8.4 Mpx), so the core is 1696 (even) and the region 2896²
     assert not needs_tiling((2896, 2896), s, bound_to_tile=True, mpp=0.25)
+    assert needs_tiling((2898, 2898), s, bound_to_tile=True, mpp=0.25)
     assert needs_tiling((3600, 3600), s, bound_to_tile=True, mpp=0.25)
     assert needs_tiling((2896, 2896), s, bound_to_tile=True, mpp=0.25, tile_size=1024)
     assert needs_tiling((5000, 5000), s)  # over max_whole_image_px either way
@@ -163,12 +164,12 @@ def test_fiber_level_windows_depend_on_the_slide_only():
 
 def test_tile_core_is_capped_by_the_read_budget():
     """The region a tile reads (core + 2 × overlap) stays within tiling.max_tile_read_px, so a
-    worker's memory is bounded whatever the pixel size (40× slides: overlap 800 px a side)."""
+    worker's memory is bounded whatever the pixel size (40× slides: overlap 600 px a side)."""
     from biopsyquant.settings import load_settings
     from biopsyquant.wsi import overlap_px, tile_core_px
 
     st = load_settings("CD163")
-    assert tile_core_px(st, 0.5) == 2048  # 2048 + 2 × 400 = 2848 ≤ √8.4 Mpx
+    assert tile_core_px(st, 0.5) == 2048  # 2048 + 2 × 300 = 2648 ≤ √8.4 Mpx
     core = tile_core_px(st, 0.25)
     edge = core + 2 * overlap_px(st, 0.25)
     assert core % 16 == 0 and 1024 < core < 2048
