@@ -1260,15 +1260,29 @@ def _add_small_fibers(lab: np.ndarray, cand: np.ndarray, od: np.ndarray, level: 
     """Add the islands of ``cand`` (:func:`_small_fiber_candidates`) that no fiber covers and
     that look like a small fiber, numbered after the fibers of ``lab``.
 
-    An island is kept when it is fiber-sized (area and inscribed disk from
-    ``min_diameter_um``, ``small_fiber_min_inscribed_fraction``; at most
-    ``small_fiber_max_um`` across), compact (solidity ``small_fiber_min_solidity``, no lumen),
-    as dark as a fiber (mean ``od`` at least ``small_fiber_min_level`` x ``level``: lumina
-    and tears are paler), smooth (standard deviation of ``od`` at most
-    ``small_fiber_max_texture`` x its mean: loose perimysium is fibrous) and surrounded by
-    connective tissue (at least ``small_fiber_ring_fraction`` of a ring
-    ``small_fiber_ring_um`` wide around it at ``small_fiber_ring_contrast`` x the island's
-    OD and at least interstitium, ``ratio`` x ``level``).
+    An island (holes such as a central nucleus filled) is kept when it is
+    - fiber-sized: area from 0.6 π (``min_diameter_um`` / 2)² to a disk
+      ``small_fiber_max_um`` across, inscribed disk at least
+      ``small_fiber_min_inscribed_fraction`` x ``min_diameter_um``;
+    - compact: solidity at least ``small_fiber_min_solidity``, holes at most
+      ``max_hole_fraction`` (a lumen is not a fiber);
+    - as dark as a fiber: mean ``od`` between ``small_fiber_min_level`` and
+      ``small_fiber_max_level`` x ``level`` (lumina and tears are paler);
+    - smooth: standard deviation of ``od`` at most ``small_fiber_max_texture`` x its mean
+      (loose perimysium is fibrous);
+    - surrounded by connective tissue: at least ``small_fiber_ring_fraction`` of a ring
+      ``small_fiber_ring_um`` wide at ``small_fiber_ring_contrast`` x the island's OD and at
+      least interstitium (``ratio`` x ``level``), and three quarters of it at
+      ``small_fiber_ring_min_contrast`` x;
+    - among fibers: at least ``small_fiber_min_neighbour_fraction`` of a ring
+      ``small_fiber_neighbour_um`` wide belongs to fibers of ``lab`` (smooth patches of the
+      perimysium lie away from fibers).
+
+    The thresholds were chosen on development sections (seeds 11-14 and two atrophy sections)
+    and checked on held-out ones (docs/_parts/fibers-validation.md, "Small (atrophic)
+    fibers"). Everything is local (at most ``small_fiber_max_um`` / 2 plus
+    ``small_fiber_neighbour_um`` around an island), so tiles with the preset overlap agree
+    with the whole image.
     """
     free = cand & ~cv2.dilate((lab > 0).astype(np.uint8), _disk(1)).astype(bool)
     free = cv2.morphologyEx(free.astype(np.uint8), cv2.MORPH_OPEN,
@@ -1335,7 +1349,8 @@ def _add_small_fibers(lab: np.ndarray, cand: np.ndarray, od: np.ndarray, level: 
             continue
         if out is None:
             out = lab.astype(np.int32, copy=True)
-        out[ys, xs][filled.astype(bool)] = next_id
+        sub = out[ys, xs]
+        sub[filled.astype(bool) & (sub == 0)] = next_id
         next_id += 1
     return lab if out is None else out
 
