@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import validate_synthetic as vs  # noqa: E402
 
 from biopsyquant import score_image  # noqa: E402
-from biopsyquant.evaluate import border_labels  # noqa: E402
+from biopsyquant.evaluate import border_labels, match_label_pairs  # noqa: E402
 from biopsyquant.settings import load_settings  # noqa: E402
 from biopsyquant.synthetic import generate_section  # noqa: E402
 
@@ -37,22 +37,18 @@ ATROPHY_LEVELS = (("CD163", {"cells_per_mm2": 100}), ("MHC-I", {"positive_fiber_
 
 def section_stats(lab: np.ndarray, truth: np.ndarray, mpp: float) -> tuple[pd.DataFrame, dict]:
     """Per complete truth fiber: diameter (µm) and matched (IoU >= 0.5); section totals."""
-    tb, pb = set(border_labels(truth)), set(border_labels(lab))
+    pairs = match_label_pairs(lab, truth)
+    matched_t, matched_p = set(pairs[:, 1].tolist()), set(pairs[:, 0].tolist())
     ta = np.bincount(truth.ravel())
-    pa = np.bincount(lab.ravel())
-    both = (truth > 0) & (lab > 0)
-    pairs = pd.DataFrame({"t": truth[both], "p": lab[both]}).value_counts().rename("n")
-    pairs = pairs.reset_index()
-    pairs["iou"] = pairs["n"] / (ta[pairs["t"]] + pa[pairs["p"]] - pairs["n"])
-    ok = pairs[pairs["iou"] >= 0.5]
-    matched_t, matched_p = set(ok["t"]), set(ok["p"])
-    ids = [i for i in range(1, len(ta)) if ta[i] and i not in tb]
-    fibers = pd.DataFrame({"d_um": [2 * np.sqrt(ta[i] / np.pi) * mpp for i in ids],
-                           "matched": [i in matched_t for i in ids]})
-    n_pred = sum(1 for p in range(1, len(pa)) if pa[p] and p not in pb)
-    false = sum(1 for p in range(1, len(pa)) if pa[p] and p not in pb and p not in matched_p)
-    tot = {"n_true": len(ids), "n_pred": n_pred, "missed": int((~fibers["matched"]).sum()),
-           "false": false, "count_err_pct": (n_pred - len(ids)) / max(len(ids), 1) * 100}
+    ids = np.flatnonzero(ta)
+    ids = ids[(ids > 0) & ~np.isin(ids, border_labels(truth))]
+    preds = np.flatnonzero(np.bincount(lab.ravel()))
+    preds = preds[(preds > 0) & ~np.isin(preds, border_labels(lab))]
+    fibers = pd.DataFrame({"d_um": 2 * np.sqrt(ta[ids] / np.pi) * mpp,
+                           "matched": [int(i) in matched_t for i in ids]})
+    false = sum(int(p) not in matched_p for p in preds)
+    tot = {"n_true": len(ids), "n_pred": len(preds), "missed": int((~fibers["matched"]).sum()),
+           "false": false, "count_err_pct": (len(preds) - len(ids)) / max(len(ids), 1) * 100}
     return fibers, tot
 
 

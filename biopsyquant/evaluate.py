@@ -8,7 +8,8 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
 
-__all__ = ["MatchResult", "match_points", "match_labels", "border_labels"]
+__all__ = ["MatchResult", "match_points", "match_labels", "match_label_pairs",
+           "border_labels"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,47 @@ def border_labels(labels: np.ndarray) -> np.ndarray:
     return u[u > 0]
 
 
+def _assign(pred: np.ndarray, truth: np.ndarray, iou: float):
+    """One-to-one IoU assignment of two label images: (pred ids, truth ids) of all nonzero
+    objects, and the index pairs (into those) matched at IoU ≥ ``iou``."""
+    pred = np.asarray(pred)
+    truth = np.asarray(truth)
+    if pred.shape != truth.shape:
+        raise ValueError(f"label images differ in shape: {pred.shape} vs {truth.shape}")
+    p = pred.ravel().astype(np.int64)
+    t = truth.ravel().astype(np.int64)
+    pu, p_inv = np.unique(p, return_inverse=True)
+    tu, t_inv = np.unique(t, return_inverse=True)
+    inter = np.zeros((len(pu), len(tu)), np.int64)
+    np.add.at(inter, (p_inv, t_inv), 1)
+    parea = inter.sum(1)
+    tarea = inter.sum(0)
+    pi = np.flatnonzero(pu != 0)
+    ti = np.flatnonzero(tu != 0)
+    if len(pi) == 0 or len(ti) == 0:
+        empty = np.zeros(0, np.int64)
+        return pu[pi], tu[ti], empty, empty
+    it = inter[np.ix_(pi, ti)].astype(float)
+    union = parea[pi][:, None] + tarea[ti][None, :] - it
+    ious = np.where(union > 0, it / union, 0.0)
+    # IoU > 0.5 matches are unique; for lower thresholds use the assignment.
+    r, c = linear_sum_assignment(-ious)
+    ok = ious[r, c] >= iou
+    return pu[pi], tu[ti], r[ok], c[ok]
+
+
+def match_label_pairs(pred: np.ndarray, truth: np.ndarray, iou: float = 0.5) -> np.ndarray:
+    """The matched objects of :func:`match_labels` (all objects, border or not).
+
+    Returns
+    -------
+    ndarray of int64, shape (K, 2)
+        One row per match: (pred label, truth label).
+    """
+    p_ids, t_ids, r, c = _assign(pred, truth, iou)
+    return np.column_stack([p_ids[r], t_ids[c]]).astype(np.int64)
+
+
 def match_labels(pred: np.ndarray, truth: np.ndarray, iou: float = 0.5, *,
                  ignore_border: bool = False) -> MatchResult:
     """Match instance label images by intersection-over-union ≥ ``iou`` (0 = background).
@@ -99,38 +141,18 @@ def match_labels(pred: np.ndarray, truth: np.ndarray, iou: float = 0.5, *,
     -------
     MatchResult
     """
-    pred = np.asarray(pred)
-    truth = np.asarray(truth)
-    if pred.shape != truth.shape:
-        raise ValueError(f"label images differ in shape: {pred.shape} vs {truth.shape}")
-    p = pred.ravel().astype(np.int64)
-    t = truth.ravel().astype(np.int64)
-    pu, p_inv = np.unique(p, return_inverse=True)
-    tu, t_inv = np.unique(t, return_inverse=True)
-    inter = np.zeros((len(pu), len(tu)), np.int64)
-    np.add.at(inter, (p_inv, t_inv), 1)
-    parea = inter.sum(1)
-    tarea = inter.sum(0)
-    pi = np.flatnonzero(pu != 0)
-    ti = np.flatnonzero(tu != 0)
-    if len(pi) == 0 or len(ti) == 0:
-        return MatchResult(0, len(pi), len(ti))
-    it = inter[np.ix_(pi, ti)].astype(float)
-    union = parea[pi][:, None] + tarea[ti][None, :] - it
-    ious = np.where(union > 0, it / union, 0.0)
-    # IoU > 0.5 matches are unique; for lower thresholds use the assignment.
-    r, c = linear_sum_assignment(-ious)
-    ok = ious[r, c] >= iou
+    p_ids, t_ids, r, c = _assign(pred, truth, iou)
+    if len(p_ids) == 0 or len(t_ids) == 0:
+        return MatchResult(0, len(p_ids), len(t_ids))
     if not ignore_border:
-        tp = int(np.sum(ok))
-        return MatchResult(tp, len(pi) - tp, len(ti) - tp)
-    t_border = np.isin(tu[ti], border_labels(truth))
-    p_border = np.isin(pu[pi], border_labels(pred))
-    r, c = r[ok], c[ok]
+        tp = len(r)
+        return MatchResult(tp, len(p_ids) - tp, len(t_ids) - tp)
+    t_border = np.isin(t_ids, border_labels(truth))
+    p_border = np.isin(p_ids, border_labels(pred))
     tp = int(np.sum(~t_border[c]))
-    p_matched = np.zeros(len(pi), bool)
+    p_matched = np.zeros(len(p_ids), bool)
     p_matched[r] = True
-    t_matched = np.zeros(len(ti), bool)
+    t_matched = np.zeros(len(t_ids), bool)
     t_matched[c] = True
     fp = int(np.sum(~p_matched & ~p_border))
     fn = int(np.sum(~t_matched & ~t_border))

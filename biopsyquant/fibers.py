@@ -594,13 +594,10 @@ def _object_filter(lab: np.ndarray, dist: np.ndarray, *, min_area: float, max_ar
     for i, sl in enumerate(slices, start=1):
         if sl is None or not keep[i]:
             continue
-        m = (lab[sl] == i).astype(np.uint8)
-        cnts, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cnts, filled = _filled_outline((lab[sl] == i).astype(np.uint8))
         if not cnts:
             keep[i] = False
             continue
-        filled = np.zeros_like(m)
-        cv2.drawContours(filled, cnts, -1, 1, thickness=-1)
         farea = float(filled.sum())
         if farea > area[i] * (1.0 + max_hole_fraction):
             keep[i] = False
@@ -610,6 +607,14 @@ def _object_filter(lab: np.ndarray, dist: np.ndarray, *, min_area: float, max_ar
     lut = np.zeros(n + 1, np.int32)
     lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
     return lut[lab]
+
+
+def _filled_outline(m: np.ndarray):
+    """External contours of a uint8 mask and the mask with its holes filled."""
+    cnts, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    filled = np.zeros_like(m)
+    cv2.drawContours(filled, cnts, -1, 1, thickness=-1)
+    return cnts, filled
 
 
 def _solidity(cnts, area: float) -> float:
@@ -1151,10 +1156,9 @@ def _segment_work(w: _Work, levels: FiberLevels | None = None) -> np.ndarray:
             | (ts - w.cs_free >= 0.5 * dab_fiber)
     # the isolated-object rule needs the DAB-free OD (not in counterstain mode)
     iso_od = cs if (params.isolated_max_area_um2 > 0 and w.cs_free is None) else None
-    # small (atrophic) fibers inside connective tissue: candidates while the OD maps live
-    small = _small_fiber_candidates(cs, tissue & ~pale, level_c, inter_ratio, params, wm) \
-        if (inter_ratio > 0 and cs is not ts) else None
-    small_od = cs if small is not None else None
+    # the small-fiber pass needs it too (not in counterstain mode, not without DAB)
+    small_od = cs if (params.small_fiber_max_um > 0 and inter_ratio > 0 and cs is not ts) \
+        else None
     # what the steps below do not use is released (a tile's peak memory)
     del counter, cs, patch
     w.total = w.counter = w.cs = w.cs_free = w.patch = None
@@ -1218,7 +1222,9 @@ def _segment_work(w: _Work, levels: FiberLevels | None = None) -> np.ndarray:
     )
     if iso_od is not None:
         lab = _drop_isolated_pale(lab, iso_od, level_c, wm, params)
-    if small is not None:
+    if small_od is not None:
+        small = _small_fiber_candidates(small_od, tissue & ~pale, level_c, inter_ratio, params,
+                                        wm)
         lab = _add_small_fibers(lab, small, small_od, level_c, inter_ratio, params, wm)
     return lab
 
@@ -1238,18 +1244,15 @@ def _close_octagon(img: np.ndarray, radius_px: float) -> np.ndarray:
 
 
 def _small_fiber_candidates(cs: np.ndarray, allowed: np.ndarray, level_c: float, ratio: float,
-                            params: FiberParams, wm: float) -> np.ndarray | None:
+                            params: FiberParams, wm: float) -> np.ndarray:
     """Pixels of small islands in connective tissue (atrophic fibers, 10-30 µm).
 
     An atrophic fiber lying in widened endomysium is about as wide as the line detector's
     reach: the endomysium lines around it cover it and it never gets a core. On the DAB-free
     OD (``cs``) it is an island at most ``small_fiber_contrast`` times the OD of the
     connective tissue around it (a grey closing over ``small_fiber_max_um``), where that
-    tissue is interstitium (at least ``ratio`` x the fiber level ``level_c``). None when the
-    pass is off (``small_fiber_max_um`` = 0).
+    tissue is interstitium (at least ``ratio`` x the fiber level ``level_c``).
     """
-    if params.small_fiber_max_um <= 0:
-        return None
     clo = _close_octagon(cs, params.small_fiber_max_um / wm / 2.0)
     return allowed & (clo >= np.float32(ratio * level_c)) \
         & (cs <= np.float32(params.small_fiber_contrast) * clo)
@@ -1321,10 +1324,7 @@ def _add_small_fibers(lab: np.ndarray, cand: np.ndarray, od: np.ndarray, level: 
         x, y, bw, bh = (int(c) for c in stats[i, :4])
         y0, x0 = max(y - r - 1, 0), max(x - r - 1, 0)
         ys, xs = slice(y0, min(y + bh + r + 1, h)), slice(x0, min(x + bw + r + 1, w))
-        m = (comp[ys, xs] == i).astype(np.uint8)
-        cnts, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        filled = np.zeros_like(m)
-        cv2.drawContours(filled, cnts, -1, 1, thickness=-1)
+        cnts, filled = _filled_outline((comp[ys, xs] == i).astype(np.uint8))
         f_area = float(np.count_nonzero(filled))
         # holes: a nucleus, not a lumen (at most max_hole_fraction of the island)
         if not (min_area <= f_area <= max_area) \

@@ -601,19 +601,14 @@ def test_counterstain_mode_keeps_isolated_dab_fibers_out_of_connective_tissue():
 
 def _small_fibers_matched(lab, truth, *, max_um=20.0, mpp=0.5):
     """(matched, total) complete truth fibers under ``max_um`` equivalent diameter, IoU ≥ 0.5."""
-    from biopsyquant.evaluate import border_labels
+    from biopsyquant.evaluate import border_labels, match_label_pairs
 
-    tb = set(border_labels(truth))
-    ta = np.bincount(truth.ravel())
-    pa = np.bincount(lab.ravel())
-    hits = []
-    for i in range(1, len(ta)):
-        if not ta[i] or i in tb or 2 * np.sqrt(ta[i] / np.pi) * mpp >= max_um:
-            continue
-        ids, cnt = np.unique(lab[truth == i], return_counts=True)
-        k = int(np.argmax(cnt))
-        hits.append(bool(ids[k]) and cnt[k] / (ta[i] + pa[ids[k]] - cnt[k]) >= 0.5)
-    return sum(hits), len(hits)
+    matched = set(match_label_pairs(lab, truth)[:, 1].tolist())
+    area = np.bincount(truth.ravel())
+    ids = np.flatnonzero(area)
+    ids = ids[(ids > 0) & ~np.isin(ids, border_labels(truth))
+              & (2 * np.sqrt(area[ids] / np.pi) * mpp < max_um)]
+    return sum(int(i) in matched for i in ids), len(ids)
 
 
 @pytest.mark.slow
